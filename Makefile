@@ -1,0 +1,43 @@
+# Two entry points, both self-contained on a fresh Debian machine (as root, or with sudo):
+#   make book   -> installs what is missing, then builds the book with every chapter executed
+#   make test   -> installs what is missing, then runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: book test setup system clean
+
+setup: system $(STAMP)
+
+# Debian packages: the Fashion-MNIST files (offline default data) and, where missing, Python's venv module.
+system:
+	@need=""; \
+	[ -f $(FMNIST) ] || need="$$need dataset-fashion-mnist"; \
+	command -v $(PYTHON) >/dev/null 2>&1 || need="$$need python3"; \
+	$(PYTHON) -c "import venv, ensurepip" >/dev/null 2>&1 || need="$$need python3-venv"; \
+	if [ -n "$$need" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "apt-get install$$need"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need; \
+	  else echo "warning: no apt-get; install$$need yourself (Fashion-MNIST: set SFM_DATA or use --download)"; fi; \
+	fi
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+book: setup
+	$(BIN)/jupyter-book build . --all
+	@echo "book: open _build/html/index.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf _build

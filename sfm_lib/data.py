@@ -1,0 +1,234 @@
+"""Datasets as ``(image, label)`` pairs: image a float32 tensor ``3×H×W`` in [0, 1].
+
+``load(name, split)`` is the one entry point. Names:
+
+- ``fashion_mnist`` — the embedded default. Looked for, in order, in ``root``, ``$SFM_DATA``, the Debian
+  package's folder (``apt-get install dataset-fashion-mnist``) and the torchvision download folder;
+  downloaded (torchvision) only when ``download=True``.
+- ``mnist``, ``cifar10``, ``cifar100`` — through torchvision (``download=True`` where there is internet).
+- ``imagefolder:PATH`` — ``PATH/train/<class>/*.png|jpg`` and ``PATH/test/<class>/*``.
+
+Grey images become 3 channels (a view, no copy). Every dataset has ``.classes``, ``.targets``
+(a LongTensor of labels, so per-class selections never touch the images) and ``.name``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .utils import cache_dir
+
+__all__ = ["load", "TensorImageDataset", "ImageFolderDataset", "subset_per_class", "DEBIAN_FASHION_MNIST", "NAMES"]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder:PATH")
+_SPLITS = ("train", "test")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class TensorImageDataset(Dataset):
+    """Images held as uint8 ``[N, H, W]`` (grey) or ``[N, H, W, 3]`` (colour); items are float [0,1] 3×H×W."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int] | torch.Tensor, classes: Sequence[str],
+                 name: str):
+        if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"images must be uint8 [N,H,W] or [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        if len(self.targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} labels")
+        self.classes = list(classes)
+        self.name = name
+        self.image_size: tuple[int, int] | None = (images.shape[1], images.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[B,3,H,W]`` float in [0,1] and labels ``[B]`` for ``indices``, in one vectorised gather."""
+        imgs = self.images[indices]
+        imgs = imgs.unsqueeze(1).expand(-1, 3, -1, -1) if imgs.ndim == 3 else imgs.permute(0, 3, 1, 2)
+        return imgs.float().div_(255.0), self.targets[indices]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        img = img.unsqueeze(0).expand(3, -1, -1) if img.ndim == 2 else img.permute(2, 0, 1)
+        return img.float().div_(255.0), int(self.targets[i])  # float() copies, so div_ is safe
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` files read lazily with PIL (RGB); image sizes may differ."""
+
+    def __init__(self, root: Path, classes: Sequence[str], name: str):
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.name = name
+        self.image_size = None
+        files, targets = [], []
+        for c, cls in enumerate(self.classes):
+            folder = self.root / cls
+            found = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) if folder.is_dir() else []
+            files += found
+            targets += [c] * len(found)
+        if not files:
+            raise FileNotFoundError(f"{self.root}: no images (.png/.jpg) under any class folder {self.classes}")
+        self.files = files
+        self.targets = torch.tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, int(self.targets[i])
+
+
+def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) -> torch.utils.data.Subset:
+    """The first ``per_class`` images of every class (or a random ``per_class`` if ``seed`` is given)."""
+    targets = dataset.targets
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    picks = []
+    for c in range(len(dataset.classes)):
+        idx = torch.nonzero(targets == c).flatten()
+        if g is not None:
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        picks.append(idx[:per_class])
+    sub = torch.utils.data.Subset(dataset, torch.cat(picks).sort().values.tolist())
+    sub.targets = targets[sub.indices]
+    sub.classes, sub.name = dataset.classes, dataset.name
+    sub.image_size = getattr(dataset, "image_size", None)
+    return sub
+
+
+# ----------------------------------------------------------------------------------------------- idx files
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    flat = torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8)
+    if flat.numel() != int(torch.tensor(shape).prod()):
+        raise ValueError(f"{path}: truncated idx file ({flat.numel()} values for shape {shape})")
+    return flat.view(*shape)
+
+
+def _find_idx(folder: Path, stem: str, subfolders: Sequence[str]) -> Path | None:
+    for sub in subfolders:
+        for suffix in ("", ".gz"):
+            p = folder / sub / (stem + suffix)
+            if p.is_file():
+                return p
+    return None
+
+
+def _load_mnist_like(name: str, split: str, root: str | None, download: bool) -> TensorImageDataset:
+    fashion = name == "fashion_mnist"
+    prefix = "train" if split == "train" else "t10k"
+    tv_folder = "FashionMNIST/raw" if fashion else "MNIST/raw"
+    # (folder, sub-folders to try): a folder the user names may hold the files directly; the shared
+    # cache only in torchvision's layout, where MNIST and Fashion-MNIST cannot be confused.
+    candidates: list[tuple[Path, tuple[str, ...]]] = []
+    for user in (root, os.environ.get("SFM_DATA")):
+        if user:
+            candidates.append((Path(user), ("", "fashion-mnist" if fashion else "mnist", tv_folder)))
+    if fashion:
+        candidates.append((DEBIAN_FASHION_MNIST, ("",)))
+    candidates.append((cache_dir() / "data", (tv_folder,)))
+    for folder, subs in candidates:
+        img = _find_idx(folder, f"{prefix}-images-idx3-ubyte", subs)
+        lab = _find_idx(folder, f"{prefix}-labels-idx1-ubyte", subs)
+        if img and lab:
+            return _idx_dataset(img, lab, name)
+    if download:
+        import torchvision
+
+        cls = torchvision.datasets.FashionMNIST if fashion else torchvision.datasets.MNIST
+        target = Path(root) if root else cache_dir() / "data"
+        _download(lambda: cls(str(target), train=split == "train", download=True), name)
+        return _load_mnist_like(name, split, str(target), download=False)
+    looked = "\n  ".join(str(folder / s) for folder, subs in candidates for s in subs)
+    fix = ("apt-get install dataset-fashion-mnist   (Debian/Ubuntu, as root; works offline)\n"
+           "or pass download=True (--download) where there is internet" if fashion else
+           "pass download=True (--download) where there is internet")
+    raise FileNotFoundError(f"{name} ({split}) not found. Looked for {prefix}-images-idx3-ubyte[.gz] in:\n  {looked}\n"
+                            f"To install it: {fix}")
+
+
+def _idx_dataset(img: Path, lab: Path, name: str) -> TensorImageDataset:
+    classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else [str(i) for i in range(10)]
+    return TensorImageDataset(_read_idx(img), _read_idx(lab).long(), classes, name)
+
+
+def _download(fn, name: str):
+    """Run a torchvision download with a socket timeout so an offline machine fails fast and clearly."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        return fn()
+    except (OSError, RuntimeError) as err:
+        raise RuntimeError(f"downloading {name} failed ({err}). Without internet, use a dataset that ships "
+                           f"offline (fashion_mnist from the Debian package) or an imagefolder:PATH") from err
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _load_cifar(name: str, split: str, root: str | None, download: bool) -> TensorImageDataset:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    target = Path(root or os.environ.get("SFM_DATA") or cache_dir() / "data")
+    try:
+        ds = cls(str(target), train=split == "train", download=False)
+    except RuntimeError:
+        if not download:
+            raise FileNotFoundError(f"{name} not found in {target}. Pass download=True (--download) where there is "
+                                    f"internet, or root=<folder holding the torchvision copy>") from None
+        ds = _download(lambda: cls(str(target), train=split == "train", download=True), name)
+    return TensorImageDataset(torch.from_numpy(ds.data), ds.targets, ds.classes, name)
+
+
+def _load_imagefolder(path: str, split: str) -> ImageFolderDataset:
+    base = Path(path).expanduser()
+    folder = base / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"imagefolder: {folder} does not exist; expected {base}/train/<class>/*.png|jpg "
+                                f"and {base}/test/<class>/*")
+    train = base / "train"
+    classes = sorted(p.name for p in (train if train.is_dir() else folder).iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"imagefolder: no class sub-folders in {train if train.is_dir() else folder}")
+    return ImageFolderDataset(folder, classes, f"imagefolder:{base}")
+
+
+def load(name: str, split: str = "train", root: str | None = None, download: bool = False) -> Dataset:
+    """Load dataset ``name`` (see module doc) for ``split`` in {"train", "test"}."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if name.startswith("imagefolder:"):
+        ds = _load_imagefolder(name.split(":", 1)[1], split)
+    elif name in ("fashion_mnist", "mnist"):
+        ds = _load_mnist_like(name, split, root, download)
+    elif name in ("cifar10", "cifar100"):
+        ds = _load_cifar(name, split, root, download)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    ds.split = split
+    return ds

@@ -1,0 +1,115 @@
+"""Figures used by the book: image grids, a PCA map of features with class means and flows, curves."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve"]
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
+               ax=None, title: str | None = None):
+    """Rows = classes, columns = the first ``per_class`` images of that class. Images ``[N,3,H,W]`` in [0,1]."""
+    import matplotlib.pyplot as plt
+
+    C = len(classes)
+    cols = min(per_class, max(int((labels == c).sum()) for c in range(C)))
+    h, w = images.shape[-2:]
+    canvas = torch.ones(3, C * (h + 2), cols * (w + 2))
+    for c in range(C):
+        idx = torch.nonzero(labels == c).flatten()[:cols]
+        for j, i in enumerate(idx.tolist()):
+            canvas[:, c * (h + 2) + 1:c * (h + 2) + 1 + h, j * (w + 2) + 1:j * (w + 2) + 1 + w] = images[i].float()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(3.0, 1.0 * cols + 1.5), 0.9 * C + 0.5))
+    ax.imshow(canvas.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([c * (h + 2) + h / 2 for c in range(C)], list(classes))
+    ax.set_xticks([])
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+class PCA:
+    """2-D principal-component projection fitted on rows of ``x`` (centred SVD, float64)."""
+
+    def __init__(self, x: torch.Tensor, k: int = 2):
+        x = x.double()
+        self.mean = x.mean(0)
+        _, s, vh = torch.linalg.svd(x - self.mean, full_matrices=False)
+        self.components = vh[:k]
+        self.explained = (s[:k] ** 2 / (s ** 2).sum()).tolist()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.mean) @ self.components.T
+
+
+def feature_map(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, classes: Sequence[str],
+                pca: PCA | None = None, flows: bool = True, extra: torch.Tensor | None = None,
+                extra_labels: torch.Tensor | None = None, ax=None, title: str | None = None):
+    """Scatter of features in 2-D PCA, class means as large dots, and (``flows``) arrows μ_c → mean_{k≠c} μ_k,
+    i.e. the real flow f_c. ``extra`` (e.g. distilled-image features) is drawn as stars. Returns (ax, pca)."""
+    import matplotlib.pyplot as plt
+
+    pca = pca or PCA(means if feats is None else feats)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    if feats is not None:
+        p = pca(feats)
+        ax.scatter(p[:, 0], p[:, 1], c=[cmap(int(y) % cmap.N) for y in labels], s=4, alpha=0.25, linewidths=0)
+    m = pca(means)
+    C = len(classes)
+    for c in range(C):
+        ax.scatter(m[c, 0], m[c, 1], color=cmap(c % cmap.N), s=90, edgecolors="k", zorder=3, label=classes[c])
+    if flows:
+        others = (m.sum(0, keepdim=True) - m) / (C - 1)
+        for c in range(C):
+            ax.annotate("", xy=others[c].tolist(), xytext=m[c].tolist(), zorder=2,
+                        arrowprops=dict(arrowstyle="->", color=cmap(c % cmap.N), lw=1.5))
+    if extra is not None:
+        e = pca(extra)
+        ax.scatter(e[:, 0], e[:, 1], c=[cmap(int(y) % cmap.N) for y in extra_labels], marker="*", s=220,
+                   edgecolors="k", linewidths=0.8, zorder=4)
+    ax.set_xlabel(f"PC1 ({100 * pca.explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * pca.explained[1]:.0f}%)")
+    ax.legend(fontsize=7, loc="best", markerscale=0.6)
+    if title:
+        ax.set_title(title)
+    return ax, pca
+
+
+def counts_bar(counts: torch.Tensor, classes: Sequence[str], ax=None, title: str | None = None):
+    """Bar chart of images per class."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 2.5))
+    ax.bar(range(len(classes)), counts.tolist(), color="tab:gray")
+    ax.set_xticks(range(len(classes)), list(classes), rotation=45, ha="right")
+    ax.set_ylabel("images")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def loss_curve(history: Sequence[float], ax=None, title: str | None = None, label: str | None = None,
+               grow_every: int | None = None):
+    """Loss per step (log scale), with vertical lines where a pyramid level was added."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(range(len(history)), history, lw=1, label=label)
+    if grow_every:
+        for s in range(grow_every, len(history), grow_every):
+            ax.axvline(s, color="0.85", lw=0.8, zorder=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    if label:
+        ax.legend()
+    return ax
