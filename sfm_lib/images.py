@@ -75,8 +75,10 @@ class SyntheticImages(nn.Module):
         self.num_images = int(num_images)
         self.resolution = int(resolution)
 
-    def decode(self) -> Tensor:
-        """Images [N, 3, R, R] in [0, 1]."""
+    def decode(self, rows: list[Tensor] | None = None) -> Tensor:
+        """Images [N, 3, R, R] in [0, 1]. ``rows``: decode these parameter tensors instead of the module's
+        own (same order as ``parameters()``, any number of rows) — used to decode a chunk of images
+        from row slices that are their own autograd leaves."""
         raise NotImplementedError
 
     def forward(self) -> Tensor:
@@ -118,8 +120,8 @@ class PixelImages(SyntheticImages):
             p = _logit_half(self._check_init(init), init_eps)
         self.pixels = nn.Parameter(p)
 
-    def decode(self) -> Tensor:
-        return torch.sigmoid(2 * self.pixels)
+    def decode(self, rows: list[Tensor] | None = None) -> Tensor:
+        return torch.sigmoid(2 * (self.pixels if rows is None else rows[0]))
 
 
 class PyramidImages(SyntheticImages):
@@ -171,8 +173,8 @@ class PyramidImages(SyntheticImages):
             return level
         return F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
 
-    def decode(self) -> Tensor:
-        y = sum(self._up(p) for p in self.levels)
+    def decode(self, rows: list[Tensor] | None = None) -> Tensor:
+        y = sum(self._up(p) for p in (self.levels if rows is None else rows))
         z = torch.einsum("cj,njhw->nchw", self.color.to(y.dtype), y)
         return torch.sigmoid(2 * z)
 

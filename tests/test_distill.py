@@ -1,0 +1,199 @@
+"""SFM distillation loop: gradients, two-pass equivalence, checkpoints and exact resume, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfm_lib import distill, flow
+from sfm_lib.augment import Augment
+from sfm_lib.images import make_images
+from sfm_lib.stats import ClassStats
+
+C, RES = 3, 32
+
+
+@pytest.fixture(scope="module")
+def toy_stats(lite0):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(C, lite0.feature_dim, generator=g, dtype=torch.float64).abs()
+    centres = means[:, None, :] + 0.1 * torch.randn(C, 2, lite0.feature_dim, generator=g, dtype=torch.float64)
+    return ClassStats(means, torch.full((C,), 5), [f"c{i}" for i in range(C)],
+                      {"backbone": lite0.name, "feature_dim": lite0.feature_dim, "resolution": RES}, centres.float())
+
+
+def _run(lite0, stats, **kw):
+    base = dict(ipc=1, steps=4, resolution=RES, progress=False, seed=3)
+    return distill.sfm(lite0, stats, **{**base, **kw})
+
+
+def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2):
+    torch.manual_seed(0)
+    images = make_images(kind, C * ipc, RES, generator=torch.Generator().manual_seed(1),
+                         **({"grow_every": 1} if kind == "pyramid" else {}))
+    if kind == "pyramid":
+        images.grow(1), images.grow(2)  # three levels, so every level gets a gradient
+    labels = torch.arange(C).repeat_interleave(ipc)
+    slots = torch.arange(ipc).repeat(C)
+    objective = distill.SFMObjective(stats, lite0.device, ipc=ipc)
+    aug = Augment()
+    params = aug.sample(C * ipc * augs, torch.Generator().manual_seed(7))
+    loss = distill.step_gradient(images, lite0, objective, aug, params, labels, slots, augs, RES,
+                                 two_pass=two_pass, chunk_size=chunk_size)
+    return loss, [p.grad.clone() for p in images.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["pixels", "pyramid"])
+def test_two_pass_gradient_equals_one_pass(lite0, toy_stats, kind):
+    loss1, g1 = _grads(lite0, toy_stats, kind, two_pass=False, chunk_size=1)
+    loss2, g2 = _grads(lite0, toy_stats, kind, two_pass=True, chunk_size=5)  # chunks straddle image copies
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    for a, b in zip(g1, g2):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7 * float(a.abs().max()))
+
+
+def test_one_pass_gradient_matches_finite_difference(lite0, toy_stats):
+    """The loss through decode → augment → φ → flow cosine, differentiated by autograd, against a central
+    finite difference along a random direction (float32, so a loose tolerance)."""
+    images = make_images("pixels", C, RES, generator=torch.Generator().manual_seed(1))
+    labels, slots = torch.arange(C), torch.zeros(C, dtype=torch.long)
+    objective = distill.SFMObjective(toy_stats, lite0.device)
+    aug = Augment(noise_p=0.0)
+    params = aug.sample(C, torch.Generator().manual_seed(2))
+    distill.step_gradient(images, lite0, objective, aug, params, labels, slots, 1, RES)
+    grad = images.pixels.grad.clone()
+    direction = torch.randn(images.pixels.shape, generator=torch.Generator().manual_seed(4))
+    direction /= direction.norm()
+    eps = 1e-2
+
+    def loss_at(t):
+        with torch.no_grad():
+            x = torch.sigmoid(2 * (images.pixels + t * direction))
+            z = lite0(lite0.preprocess(aug.apply(x, params, RES), RES))
+            return float(objective(z, labels, slots))
+
+    fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert float((grad * direction).sum()) == pytest.approx(fd, rel=0.05, abs=1e-5)
+
+
+def test_objective_is_the_flow_cosine(lite0, toy_stats):
+    z = torch.randn(2 * C, lite0.feature_dim)
+    labels = torch.arange(C).repeat(2)
+    obj = distill.SFMObjective(toy_stats, lite0.device, ipc=2)
+    syn = torch.stack([z[labels == c].mean(0) for c in range(C)]).double()
+    real = toy_stats.means
+    fs = syn.sum(0) / (C - 1) - syn * C / (C - 1)  # f_c = mean_{k≠c} s_k − s_c, written another way
+    fr = real.sum(0) / (C - 1) - real * C / (C - 1)
+    expected = 1 - torch.nn.functional.cosine_similarity(fs.flatten(), fr.flatten(), dim=0)
+    assert float(obj(z, labels, torch.zeros_like(labels))) == pytest.approx(float(expected), abs=1e-5)
+    mse = distill.SFMObjective(toy_stats, lite0.device, loss="mse")
+    assert float(mse(z, labels, labels)) == pytest.approx(float(((syn - real) ** 2).mean()), rel=1e-4)
+
+
+def test_sfm_reduces_the_loss_and_saves(lite0, toy_stats, tmp_path):
+    out = _run(lite0, toy_stats, steps=12)
+    hist = out.meta["loss_history"]
+    assert len(hist) == 12 and min(hist[-3:]) < hist[0]
+    assert out.images.shape == (C, 3, RES, RES) and 0 <= out.images.min() and out.images.max() <= 1
+    assert out.labels.tolist() == list(range(C))
+    path = tmp_path / "d.safetensors"
+    out.save(path)
+    back = distill.DistilledSet.load(path)
+    torch.testing.assert_close(back.images, out.images)
+    assert back.labels.tolist() == out.labels.tolist() and back.classes == out.classes
+    assert back.meta["loss_history"] == hist and back.meta["backbone"] == lite0.name
+
+
+@pytest.mark.parametrize("param", ["pixels", "pyramid"])
+def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_path, param):
+    kw = dict(steps=7, param=param, grow_every=2, ipc=2, augs=2, checkpoint_every=2)
+    full = _run(lite0, toy_stats, checkpoint=tmp_path / "full.pt", **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, loss):
+        if step == 4:  # dies during step 5: the last checkpoint is the one after step 4
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        _run(lite0, toy_stats, checkpoint=ckpt, callback=kill_at_5, **kw)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 4
+    resumed = _run(lite0, toy_stats, checkpoint=ckpt, resume=True, **kw)
+    torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0)
+    assert resumed.meta["loss_history"] == full.meta["loss_history"]
+
+
+def test_resume_with_other_settings_is_refused(lite0, toy_stats, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _run(lite0, toy_stats, checkpoint=ckpt, steps=2)
+    with pytest.raises(ValueError, match="other settings"):
+        _run(lite0, toy_stats, checkpoint=ckpt, resume=True, steps=3, ipc=2)
+
+
+def test_unreadable_checkpoint_is_a_clear_error_and_left_alone(lite0, toy_stats, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        _run(lite0, toy_stats, checkpoint=ckpt, resume=True)
+    assert ckpt.read_bytes() == b"not a checkpoint"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lite0, toy_stats, tmp_path, monkeypatch):
+    ckpt = tmp_path / "c.pt"
+    real_step = distill.step_gradient
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        value = real_step(*a, **k)
+        return float("nan") if calls["n"] == 4 else value
+
+    monkeypatch.setattr(distill, "step_gradient", flaky)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        _run(lite0, toy_stats, checkpoint=ckpt, checkpoint_every=2, steps=6)
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+
+
+def test_bad_input_is_rejected(lite0, toy_stats):
+    other = ClassStats(toy_stats.means, toy_stats.counts, toy_stats.classes, {"backbone": "effnet_lite2"})
+    with pytest.raises(ValueError, match="effnet_lite2"):
+        _run(lite0, other)
+    with pytest.raises(ValueError, match="ipc"):
+        _run(lite0, toy_stats, ipc=0)
+    with pytest.raises(ValueError, match="unknown image kind"):
+        _run(lite0, toy_stats, param="voxels")
+    no_centres = ClassStats(toy_stats.means, toy_stats.counts, toy_stats.classes, dict(toy_stats.meta))
+    with pytest.raises(ValueError, match="--kmeans 2"):
+        _run(lite0, no_centres, subclass=True, ipc=2)
+    with pytest.raises(ValueError, match="init_dataset"):
+        _run(lite0, toy_stats, init="real")
+
+
+def test_subclass_targets_run_and_use_the_centres(lite0, toy_stats):
+    out = _run(lite0, toy_stats, subclass=True, ipc=2, steps=3)
+    assert out.images.shape[0] == 2 * C and out.meta["subclass"] is True
+    target = distill.SFMObjective(toy_stats, lite0.device, subclass=True, ipc=2).target
+    torch.testing.assert_close(target, flow.subclass_real_flow(toy_stats.means, toy_stats.centres.double()).float())
+
+
+def test_init_from_real_images_starts_at_those_images(lite0, toy_stats, fmnist_train):
+    sub = torch.utils.data.Subset(fmnist_train, range(0, 600))
+    sub.targets, sub.classes, sub.name = fmnist_train.targets[:600], fmnist_train.classes, fmnist_train.name
+    ten = ClassStats(torch.rand(10, lite0.feature_dim, dtype=torch.float64), torch.ones(10, dtype=torch.long),
+                     fmnist_train.classes, {"backbone": lite0.name})
+    out = distill.sfm(lite0, ten, steps=0, resolution=28, init="real", init_dataset=sub, progress=False, seed=0)
+    for img, y in zip(out.images, out.labels):
+        matches = [(img - sub[i][0]).abs().max() < 2e-3 for i in range(600) if int(sub.targets[i]) == int(y)]
+        assert any(matches)
+
+
+def test_an_existing_checkpoint_is_never_overwritten_by_a_fresh_run(lite0, toy_stats, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _run(lite0, toy_stats, checkpoint=ckpt, steps=2)
+    before = ckpt.read_bytes()
+    with pytest.raises(FileExistsError, match="resume"):
+        _run(lite0, toy_stats, checkpoint=ckpt, steps=2)
+    assert ckpt.read_bytes() == before
