@@ -17,6 +17,7 @@ import gzip
 import os
 import socket
 import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -117,8 +118,13 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
 # ----------------------------------------------------------------------------------------------- idx files
 def _read_idx(path: Path) -> torch.Tensor:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: truncated or corrupt gzip file ({err}); delete it and fetch it again") from err
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise ValueError(f"{path}: truncated idx header")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise ValueError(f"{path}: not an idx file of unsigned bytes")

@@ -176,7 +176,9 @@ def cached_extract(backbone: Backbone, dataset: Dataset, resolution: int, **kwar
     key = features_mod.dataset_key(dataset)
     if key is None:
         return extract(backbone, dataset, resolution, **kwargs)
-    path = cache_dir() / "stats" / f"{key}-{backbone.name}-{resolution}-k{kwargs.get('kmeans_k', 0)}.safetensors"
+    k = kwargs.get("kmeans_k", 0)
+    kmeans_tag = f"-k{k}-s{kwargs.get('kmeans_sample', 2000)}-seed{kwargs.get('seed', 0)}" if k else ""
+    path = cache_dir() / "stats" / f"{key}-{backbone.name}-{resolution}{kmeans_tag}.safetensors"
     if path.is_file():
         return ClassStats.load(path)
     result = extract(backbone, dataset, resolution, **kwargs)
