@@ -1,0 +1,523 @@
+"""Evaluation by linear probing (method.md §6): distilled sets, real-image baselines, cross-backbone tables.
+
+A probe is a linear map (W ∈ R^{C×D}, b ∈ R^C) on frozen features φ(x), trained with softmax
+cross-entropy by Adam at lr = 1e-3·B/256 (B = min(100, N) the batch), the rate decaying as
+
+    lr_t = lr · (1 + cos(π t / T)) / 2,     t = 0 … T−1 the step, T = epochs · ⌈N / B⌉,
+
+and scored by top-1 on the real test split (resize + centre crop) after the last epoch, as mean ± sample
+std (ddof = 1) over probe seeds.
+
+CPU-friendly emulation of "per-batch flip + random resized crop": for every seed, each training image is
+seen through K = ``views`` fixed views (view 0 un-augmented, views 1…K−1 drawn by
+:meth:`Augment.probe <sfm_lib.augment.Augment.probe>` from a generator seeded by the seed) whose features
+are computed once; every epoch each image then uses one of its K views chosen at random. The backbone
+runs N·K times per seed instead of N·epochs times, and the probes of all seeds train together as one
+batched weight tensor [S, D, C] (Adam is element-wise, so this equals S independent runs).
+
+Baselines with the same probe: ``random`` real images (IPC per class, a new draw per seed), ``centroids``
+(the real images whose features are nearest the class mean), ``neighbors`` (the nearest real image of
+each distilled image) and ``full`` (the whole training split, see :func:`full_data_probe`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from . import backbones as backbones_mod
+from . import data as data_mod
+from . import features as features_mod
+from .augment import Augment
+from .backbones import Backbone
+from .data import TensorImageDataset
+from .distill import DistilledSet
+from .stats import ClassStats
+from .utils import resolve_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["ProbeResult", "linear_probe", "full_data_probe", "train_probe", "accuracy", "cosine_lr",
+           "view_features", "random_subset", "centroid_subset", "neighbor_subset", "baseline",
+           "cross_backbone", "results_table", "BASELINES"]
+
+BASELINES = ("random", "centroids", "neighbors", "full")
+_CHUNK = 256  # images per backbone forward when computing view features
+
+
+# ------------------------------------------------------------------------------------------------ result
+@dataclass
+class ProbeResult:
+    """Top-1 accuracies (%) of one probe per seed, with what was evaluated in ``meta``.
+
+    ``top1_std`` is the *sample* standard deviation (ddof = 1) over seeds, 0 for a single seed.
+    ``weights`` (not serialised) holds the trained probes: W [S, C, D], b [S, C] on the CPU.
+    """
+
+    top1: list[float]
+    seeds: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def top1_mean(self) -> float:
+        return sum(self.top1) / len(self.top1)
+
+    @property
+    def top1_std(self) -> float:
+        n = len(self.top1)
+        if n < 2:
+            return 0.0
+        m = self.top1_mean
+        return math.sqrt(sum((a - m) ** 2 for a in self.top1) / (n - 1))
+
+    def __str__(self) -> str:
+        return f"{self.top1_mean:.1f} ± {self.top1_std:.1f} % ({len(self.top1)} seeds, {self.meta.get('kind', '?')})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``top1``, ``top1_mean``, ``top1_std``, ``seeds``, ``meta`` (weights left out)."""
+        return {"top1": list(self.top1), "top1_mean": self.top1_mean, "top1_std": self.top1_std,
+                "seeds": list(self.seeds), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProbeResult":
+        """Inverse of :meth:`to_dict` (the derived mean and std are recomputed)."""
+        return cls([float(a) for a in d["top1"]], [int(s) for s in d["seeds"]], dict(d.get("meta", {})))
+
+
+# ------------------------------------------------------------------------------------------ probe training
+def cosine_lr(step: int, total: int, base: float) -> float:
+    """lr_t = base · (1 + cos(π t / T)) / 2: ``base`` at t = 0, 0 at t = T (after the last step)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def _linear_init(dim: int, num_classes: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The default ``nn.Linear(dim, C)`` init after ``torch.manual_seed(seed)``; global RNG left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(dim, num_classes)
+    return lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
+
+
+def _check_probe_args(epochs: int, seeds: Sequence[int]) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    if len(seeds) == 0:
+        raise ValueError("seeds is empty; pass at least one probe seed, e.g. seeds=(0, 1, 2)")
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """One intra-op thread on the CPU: the probe's ops are tiny, and extra OpenMP threads only add overhead
+    (10–70× slower steps when other processes share the cores)."""
+    if device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train_probes(feats: Tensor, labels: Tensor, num_classes: int, *, epochs: int, batch_size: int, lr: float,
+                  seeds: Sequence[int], init: Sequence[tuple[Tensor, Tensor]] | None = None,
+                  progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Train S probes at once. ``feats`` [S, N, K, D] (K views per image; may be an expanded view), ``labels``
+    [S, N]. Seed s drives its own init, shuffles and view choices. Returns W [S, C, D], b [S, C]."""
+    S, N, K, D = feats.shape
+    C, B, dev = num_classes, min(batch_size, N), feats.device
+    if labels.shape != (S, N):
+        raise ValueError(f"labels must be [S={S}, N={N}], got {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= C:
+        raise ValueError(f"labels must lie in [0, {C}), got range [{int(labels.min())}, {int(labels.max())}]")
+    inits = init if init is not None else [_linear_init(D, C, s, feats.dtype) for s in seeds]
+    W = torch.stack([w.to(dev, feats.dtype).T for w, _ in inits]).contiguous().requires_grad_(True)  # [S, D, C]
+    b = torch.stack([c.to(dev, feats.dtype) for _, c in inits])[:, None, :].contiguous().requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    rows = torch.arange(S, device=dev)[:, None]
+    total, step = epochs * math.ceil(N / B), 0
+    from tqdm.auto import tqdm
+
+    with _one_thread(dev):
+        for _ in tqdm(range(epochs), desc="probe", unit="epoch", disable=not progress, mininterval=2.0):
+            # per seed: a fresh permutation and one random view per image for this epoch
+            perm = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(dev)
+            view = (torch.stack([torch.randint(K, (N,), generator=g) for g in gens]).to(dev) if K > 1
+                    else torch.zeros(S, N, dtype=torch.long, device=dev))
+            for start in range(0, N, B):
+                idx = perm[:, start:start + B]                                # [S, b]
+                x = feats[rows, idx, view.gather(1, idx)]                      # [S, b, D]
+                logits = torch.baddbmm(b, x, W)                                # [S, b, C]
+                # Σ_s mean_i CE_s,i: the seeds' losses are independent, so W[s] gets only its own gradient
+                loss = F.cross_entropy(logits.reshape(-1, C), labels[rows, idx].reshape(-1), reduction="sum")
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, total, lr)
+                opt.zero_grad(set_to_none=True)
+                (loss / idx.shape[1]).backward()
+                opt.step()
+                step += 1
+    return W.detach().transpose(1, 2).contiguous(), b.detach()[:, 0, :]
+
+
+def _default_hparams(n: int, batch_size: int | None, lr: float | None) -> tuple[int, float]:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    bs = min(100 if batch_size is None else int(batch_size), n)  # the batch actually used
+    return bs, (1e-3 * bs / 256 if lr is None else float(lr))
+
+
+def train_probe(train_feats: Tensor, train_labels: Tensor, num_classes: int, *, epochs: int,
+                batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+                init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Linear probe on given features: ``train_feats`` [N, D] or [N, K, D] (K views, one drawn per image and
+    epoch), labels [N] → (W [C, D], b [C]).
+
+    Adam (β = 0.9, 0.999), lr = 1e-3·B/256 by default, B = min(100, N) by default, cosine decay to 0 over
+    epochs·⌈N/B⌉ steps, mini-batches shuffled by ``seed``; ``init`` (W, b) defaults to ``nn.Linear``'s
+    init under ``torch.manual_seed(seed)``. Trains in the dtype and on the device of ``train_feats``.
+    """
+    if train_feats.ndim == 2:
+        train_feats = train_feats[:, None, :]
+    if train_feats.ndim != 3 or train_labels.shape != train_feats.shape[:1]:
+        raise ValueError(f"expected train_feats [N, D] or [N, K, D] and labels [N], got "
+                         f"{tuple(train_feats.shape)} and {tuple(train_labels.shape)}")
+    _check_probe_args(epochs, [seed])
+    bs, lr = _default_hparams(train_feats.shape[0], batch_size, lr)
+    W, b = _train_probes(train_feats[None], train_labels.to(train_feats.device)[None], num_classes, epochs=epochs,
+                         batch_size=bs, lr=lr, seeds=[seed], init=None if init is None else [init])
+    return W[0], b[0]
+
+
+def accuracy(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> float:
+    """Top-1 in %: 100 · mean[argmax_c (W x + b)_c = y] for W [C, D], b [C], feats [N, D], labels [N]."""
+    pred = (feats.to(W.dtype) @ W.T + b).argmax(1)
+    return 100.0 * (pred == labels.to(pred.device)).double().mean().item()
+
+
+def _accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[float]:
+    feats, labels = feats.to(W.device, W.dtype), labels.to(W.device)
+    return [accuracy(W[s], b[s], feats, labels) for s in range(W.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------- view features
+def _square(images: Tensor) -> Tensor:
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    return images[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+
+
+def _resize(images: Tensor, resolution: int) -> Tensor:
+    """Centre square crop + bilinear resize (antialiased when shrinking), as in ``Backbone.preprocess``."""
+    images = _square(images)
+    if images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                         antialias=images.shape[-1] > resolution)
+
+
+def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
+    """All images [N, 3, H, W] in [0, 1] (one size; mixed sizes are resized to ``resolution``) and labels [N]."""
+    if isinstance(dataset, DistilledSet):
+        return dataset.images.detach().float(), dataset.labels.long()
+    base, idx = dataset, None
+    if isinstance(dataset, Subset):
+        base, idx = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    if isinstance(base, TensorImageDataset):
+        return base.batch(torch.arange(len(base)) if idx is None else idx)
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        raise ValueError("the training set is empty")
+    images = [img for img, _ in items]
+    if len({tuple(img.shape) for img in images}) > 1:
+        images = [_resize(img[None], resolution)[0] for img in images]
+    return torch.stack(images), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+
+
+def view_features(backbone: Backbone, images: Tensor, resolution: int, views: int, seed: int) -> Tensor:
+    """Features [N, K, D] of K = ``views`` views of every image: view 0 the plain test-time preprocessing,
+    views 1…K−1 flip + random resized crop (``Augment.probe()``, generator seeded by ``seed``) at ``resolution``.
+
+    Crops are taken from the native image (one interpolation) unless it is larger than ``resolution``, in
+    which case it is first shrunk with antialiasing, like the test images.
+    """
+    if views < 1:
+        raise ValueError(f"views must be ≥ 1 (1 = no augmentation), got {views}")
+    n, dev = images.shape[0], backbone.device
+    base = _square(images)
+    if base.shape[-1] > resolution:
+        base = _resize(base, resolution)
+    aug, gen = Augment.probe(), torch.Generator().manual_seed(int(seed))
+    params = aug.sample(n * (views - 1), gen)  # row j ↦ image j % n, view 1 + j // n
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, n, _CHUNK):
+            chunks.append(backbone.features(images[start:start + _CHUNK], resolution).float().cpu())
+        for start in range(0, n * (views - 1), _CHUNK):
+            j = torch.arange(start, min(start + _CHUNK, n * (views - 1)))
+            crops = aug.apply(base[j % n].to(dev), params.select(j).to(dev), resolution)
+            chunks.append(backbone.features(crops, resolution).float().cpu())
+    feats = torch.cat(chunks).clone()  # a normal tensor (not an inference tensor): usable by autograd later
+    return feats.view(views, n, -1).transpose(0, 1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def _num_classes(train: Dataset, test: Dataset) -> int:
+    c_train, c_test = len(train.classes), len(test.classes)
+    if c_train != c_test:
+        raise ValueError(f"the training set has {c_train} classes but the test set {c_test}; evaluate on the "
+                         f"test split of the dataset the training images come from")
+    return c_test
+
+
+def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, resolution: int, *, epochs: int,
+                seeds: Sequence[int], views: int, batch_size: int | None, lr: float | None,
+                device: str | torch.device | None, progress: bool, kind: str) -> ProbeResult:
+    """Probe seed ``seeds[i]`` trained on ``trains[i]``; seeds sharing a training-set size train together."""
+    _check_probe_args(epochs, seeds)
+    dev = backbone.device if device is None else resolve_device(device)
+    C = _num_classes(trains[0], test)
+    test_x, test_y = features_mod.compute(backbone, test, resolution, progress=progress)
+    feats, labels = [], []
+    for train, seed in zip(trains, seeds):
+        images, y = _images_of(train, resolution)
+        if len(y) == 0:
+            raise ValueError("the training set is empty")
+        feats.append(view_features(backbone, images, resolution, views, seed))
+        labels.append(y.long())
+    top1: list[float] = [0.0] * len(seeds)
+    Ws: list[Tensor] = [torch.empty(0)] * len(seeds)
+    bs_: list[Tensor] = [torch.empty(0)] * len(seeds)
+    groups: dict[int, list[int]] = {}  # seeds whose training sets have the same size train together
+    for i, y in enumerate(labels):
+        groups.setdefault(len(y), []).append(i)
+    for n, group in groups.items():
+        bs, base_lr = _default_hparams(n, batch_size, lr)
+        W, b = _train_probes(torch.stack([feats[i] for i in group]).to(dev),
+                             torch.stack([labels[i] for i in group]).to(dev), C, epochs=epochs,
+                             batch_size=bs, lr=base_lr, seeds=[seeds[i] for i in group], progress=progress)
+        for k, (i, acc) in enumerate(zip(group, _accuracies(W, b, test_x, test_y))):
+            top1[i], Ws[i], bs_[i] = acc, W[k].cpu(), b[k].cpu()
+    n_train = len(labels[0])
+    bs, base_lr = _default_hparams(n_train, batch_size, lr)
+    first = trains[0]
+    meta = {"kind": kind, "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": views,
+            "n_train": n_train, "batch_size": bs, "lr": base_lr, "train": getattr(first, "name", None),
+            "test": getattr(test, "name", None), "n_test": len(test_y)}
+    if isinstance(first, DistilledSet):
+        meta.update(distill_backbone=first.meta.get("backbone"), method=first.meta.get("method"),
+                    ipc=first.meta.get("ipc"))
+    return ProbeResult(top1, [int(s) for s in seeds], meta, (torch.stack(Ws), torch.stack(bs_)))
+
+
+def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: Dataset, resolution: int, *,
+                 epochs: int = 1000, seeds: Sequence[int] = (0, 1, 2), views: int = 40, batch_size: int | None = None,
+                 lr: float | None = None, device: str | torch.device | None = None, progress: bool = False,
+                 kind: str | None = None) -> ProbeResult:
+    """Top-1 (%) on ``test`` of linear probes trained on the small set ``train`` (method.md §6), one per seed.
+
+    ``train``: a :class:`DistilledSet` or any small dataset of images (e.g. a ``Subset`` of real images), or
+    a list of them, one per seed (seed ``seeds[i]`` trains on ``train[i]``). Each image is seen through
+    ``views`` precomputed views (view 0 un-augmented; see the module doc); ``views=1`` trains without
+    augmentation. Test features come from :func:`features.compute` (cached on disk for whole splits).
+    ``device``: where the probe trains (default: the backbone's). ``kind`` labels the result ("distilled"
+    for a DistilledSet, else "real", unless given).
+
+    Note: with N = 10 images the defaults mean 1000 Adam steps at lr 3.9e-5; at 32 px (Lite0) that probe is
+    not converged (seed std ≈ 5 points) and ``epochs=4000`` comes closer to method.md §9.
+    """
+    trains = list(train) if isinstance(train, (list, tuple)) else [train] * len(seeds)
+    if len(trains) != len(seeds):
+        raise ValueError(f"{len(trains)} training sets for {len(seeds)} seeds; pass one per seed or a single one")
+    if kind is None:
+        kind = "distilled" if trains and isinstance(trains[0], DistilledSet) else "real"
+    return _probe_many(backbone, trains, test, resolution, epochs=epochs, seeds=seeds, views=views,
+                       batch_size=batch_size, lr=lr, device=device, progress=progress, kind=kind)
+
+
+def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, epochs: int = 10,
+                    seeds: Sequence[int] = (0, 1, 2), batch_size: int = 256, lr: float | None = None,
+                    device: str | torch.device | None = None, progress: bool = False) -> ProbeResult:
+    """Full-data baseline: a probe per seed on the cached features of the whole training split.
+
+    Deviation from §6: the features are *un-augmented* (resize + centre crop, read from the feature cache):
+    recomputing flip + crop views of 60k images every epoch is too slow on a CPU. Adam lr = 1e-3·B/256
+    (B = 256), cosine decay to 0, mini-batches shuffled by the seed.
+    """
+    _check_probe_args(epochs, seeds)
+    dev = backbone.device if device is None else resolve_device(device)
+    C = _num_classes(train_ds, test_ds)
+    train_x, train_y = features_mod.compute(backbone, train_ds, resolution, progress=progress)
+    test_x, test_y = features_mod.compute(backbone, test_ds, resolution, progress=progress)
+    bs, base_lr = _default_hparams(len(train_y), batch_size, lr)
+    S = len(seeds)
+    feats = train_x.to(dev)[None, :, None, :].expand(S, -1, -1, -1)  # shared by all seeds, no copy
+    W, b = _train_probes(feats, train_y.to(dev)[None].expand(S, -1), C, epochs=epochs, batch_size=bs, lr=base_lr,
+                         seeds=seeds, progress=progress)
+    meta = {"kind": "full", "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": 1,
+            "n_train": len(train_y), "batch_size": bs, "lr": base_lr, "train": getattr(train_ds, "name", None),
+            "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": False}
+    return ProbeResult(_accuracies(W, b, test_x, test_y), [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def _subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
+    """A Subset carrying ``targets``, ``classes``, ``name`` and ``image_size`` like ``data.subset_per_class``."""
+    sub = Subset(dataset, [int(i) for i in indices])
+    sub.targets = dataset.targets[torch.as_tensor(sub.indices, dtype=torch.long)]
+    sub.classes, sub.name = dataset.classes, dataset.name
+    sub.image_size = getattr(dataset, "image_size", None)
+    return sub
+
+
+def random_subset(dataset: Dataset, ipc: int, seed: int) -> Subset:
+    """``ipc`` real images per class drawn uniformly without replacement by ``seed`` (indices sorted)."""
+    if ipc < 1:
+        raise ValueError(f"ipc must be ≥ 1, got {ipc}")
+    counts = torch.bincount(dataset.targets, minlength=len(dataset.classes))
+    if int(counts.min()) < ipc:
+        short = [dataset.classes[c] for c in torch.nonzero(counts < ipc).flatten().tolist()]
+        raise ValueError(f"ipc={ipc} but classes {short} have fewer images; lower ipc")
+    return data_mod.subset_per_class(dataset, ipc, seed=seed)
+
+
+def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: int = 1,
+                    stats: ClassStats | None = None, *, progress: bool = False) -> Subset:
+    """For each class c the ``ipc`` real images with the smallest ‖φ(x) − μ_c‖₂ (class-major, nearest first).
+
+    μ_c from ``stats.means`` if given, else the mean of the (cached) features of ``dataset``.
+    """
+    if ipc < 1:
+        raise ValueError(f"ipc must be ≥ 1, got {ipc}")
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    x, C = x.double(), len(dataset.classes)
+    if stats is not None:
+        stats.check_compatible(backbone)
+        if stats.num_classes != C:
+            raise ValueError(f"stats have {stats.num_classes} classes but {dataset.name} has {C}; "
+                             f"use the statistics of this dataset")
+        means = stats.means.double()
+    else:
+        means = torch.zeros(C, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+        means /= torch.bincount(y, minlength=C).clamp(min=1)[:, None]
+    picks = []
+    for c in range(C):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < ipc:
+            raise ValueError(f"class {dataset.classes[c]!r} has {len(idx)} images, fewer than ipc={ipc}")
+        d = ((x[idx] - means[c]) ** 2).sum(1)
+        picks.append(idx[d.argsort(stable=True)[:ipc]])
+    return _subset(dataset, torch.cat(picks).tolist())
+
+
+def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSet, resolution: int, *,
+                    progress: bool = False) -> Subset:
+    """For every distilled image (in order), the real image of the same class nearest to it in feature space.
+
+    Distilled features: ``backbone.features`` at ``resolution``, un-augmented (rounded through float16 like
+    the cached real features). Two distilled images may share a neighbour; it then appears twice.
+    """
+    if len(distilled.classes) != len(dataset.classes):
+        raise ValueError(f"the distilled set has {len(distilled.classes)} classes but {dataset.name} has "
+                         f"{len(dataset.classes)}; pass the training split of the dataset that was distilled")
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    with torch.inference_mode():
+        q = torch.cat([backbone.features(distilled.images[i:i + _CHUNK].float(), resolution).cpu()
+                       for i in range(0, len(distilled), _CHUNK)]).half().double()
+    x, labels = x.double(), distilled.labels.long().cpu()
+    picks = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique().tolist():
+        pool = torch.nonzero(y == c).flatten()
+        if len(pool) == 0:
+            raise ValueError(f"no real image of class {c} in {dataset.name}; is it the dataset that was distilled?")
+        rows = torch.nonzero(labels == c).flatten()
+        d = torch.cdist(q[rows], x[pool])
+        picks[rows] = pool[d.argmin(1)]
+    return _subset(dataset, picks.tolist())
+
+
+def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, ipc: int = 1,
+             seeds: Sequence[int] = (0, 1, 2), distilled: DistilledSet | None = None,
+             stats: ClassStats | None = None, **probe_kw) -> ProbeResult:
+    """A real-image baseline scored with the same probe: ``kind`` in {"random", "centroids", "neighbors", "full"}.
+
+    "random": seed s draws its own ``random_subset(train_ds, ipc, s)`` and trains its probe with seed s.
+    "centroids": :func:`centroid_subset` (class means from ``stats`` if given). "neighbors": needs
+    ``distilled`` (:func:`neighbor_subset`). "full": :func:`full_data_probe`; ``views`` is ignored there.
+    ``probe_kw`` go to :func:`linear_probe` (epochs, views, batch_size, lr, device, progress).
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline kind {kind!r}; choose one of {', '.join(BASELINES)}")
+    if kind == "full":
+        probe_kw.pop("views", None)
+        return full_data_probe(backbone, train_ds, test_ds, resolution, seeds=seeds, **probe_kw)
+    if kind == "random":
+        trains = [random_subset(train_ds, ipc, s) for s in seeds]
+        result = linear_probe(backbone, trains, test_ds, resolution, seeds=seeds, kind="random", **probe_kw)
+    elif kind == "centroids":
+        sub = centroid_subset(backbone, train_ds, resolution, ipc, stats=stats,
+                              progress=probe_kw.get("progress", False))
+        result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="centroids", **probe_kw)
+    else:
+        if distilled is None:
+            raise ValueError('baseline("neighbors", ...) needs the distilled set: pass distilled=DistilledSet')
+        sub = neighbor_subset(backbone, train_ds, distilled, resolution, progress=probe_kw.get("progress", False))
+        result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="neighbors", **probe_kw)
+        result.meta["distill_backbone"] = distilled.meta.get("backbone")
+    if kind != "neighbors":
+        result.meta["ipc"] = ipc
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def cross_backbone(distilled: DistilledSet, backbone_names: Sequence[str | Backbone], test_ds: Dataset,
+                   resolution: int, *, seeds: Sequence[int] = (0, 1, 2), device: str | torch.device | None = None,
+                   **probe_kw) -> pd.DataFrame:
+    """Probe ``distilled`` with every evaluation backbone φ_e (names, loaded on ``device``, or Backbone objects).
+
+    Columns: ``eval_backbone``, ``distill_backbone`` (``distilled.meta["backbone"]``), ``top1_mean``, ``top1_std``.
+    """
+    import pandas as pd
+
+    rows = []
+    for item in backbone_names:
+        bb = item if isinstance(item, Backbone) else backbones_mod.load(item, resolve_device(device))
+        res = linear_probe(bb, distilled, test_ds, resolution, seeds=seeds, **probe_kw)
+        rows.append({"eval_backbone": bb.name, "distill_backbone": distilled.meta.get("backbone"),
+                     "top1_mean": res.top1_mean, "top1_std": res.top1_std})
+    return pd.DataFrame(rows, columns=["eval_backbone", "distill_backbone", "top1_mean", "top1_std"])
+
+
+def results_table(rows: Sequence[ProbeResult | dict[str, Any]], per_seed: bool = False) -> pd.DataFrame:
+    """One row per result (``meta`` flattened into columns, then ``top1_mean``, ``top1_std``, ``n_seeds``), or
+    with ``per_seed=True`` the long form (one row per result and seed: ``seed``, ``top1``) for seaborn.
+
+    Dicts are taken as they are, except that a ``to_dict()`` layout (with ``top1``/``seeds``/``meta``) is
+    read as a ProbeResult.
+    """
+    import pandas as pd
+
+    out = []
+    for row in rows:
+        if isinstance(row, dict) and {"top1", "seeds"} <= row.keys():
+            row = ProbeResult.from_dict(row)
+        if isinstance(row, ProbeResult):
+            if per_seed:
+                out += [{**row.meta, "seed": s, "top1": a} for s, a in zip(row.seeds, row.top1)]
+            else:
+                out.append({**row.meta, "top1_mean": row.top1_mean, "top1_std": row.top1_std,
+                            "n_seeds": len(row.top1)})
+        elif isinstance(row, dict):
+            out.append(dict(row))
+        else:
+            raise ValueError(f"results_table takes ProbeResult or dict rows, got {type(row).__name__}")
+    return pd.DataFrame(out)
