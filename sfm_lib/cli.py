@@ -50,6 +50,7 @@ def _cmd_stats(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- distill
 def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, stats
+    from .augment import Augment
 
     if a.method != "sfm":
         raise CliError(f"--method {a.method}: only 'sfm' is implemented in this command so far")
@@ -58,7 +59,8 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     init_ds = data.load(a.dataset, "train", root=a.data_root, download=a.download) if a.init == "real" else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
     result = distill.sfm(bb, st, ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, augs=a.augs,
-                         lr=a.lr, param=a.param, grow_every=a.grow_every, init=a.init, init_dataset=init_ds,
+                         lr=a.lr, schedule=a.schedule, augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p),
+                         param=a.param, grow_every=a.grow_every, init=a.init, init_dataset=init_ds,
                          loss=a.loss, subclass=a.subclass, seed=a.seed, two_pass=a.two_pass,
                          chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
                          resume=a.resume)
@@ -66,6 +68,71 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     hist = result.meta["loss_history"]
     print(f"wrote {a.out}: images {tuple(result.images.shape)}, final loss "
           f"{hist[-1] if hist else float('nan'):.4f}, {result.meta['time_s']} s (checkpoint {checkpoint})")
+
+
+# --------------------------------------------------------------------------------------- eval, baselines
+def _report(result, json_path: str | None, label: str) -> None:
+    per_seed = ", ".join(f"seed {s}: {t:.2f}" for s, t in zip(result.seeds, result.top1))
+    print(f"{label}: top-1 {result.top1_mean:.2f} ± {result.top1_std:.2f} % ({per_seed})")
+    _json_out(json_path, result.to_dict())
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from . import backbones, data, distill, evaluate
+
+    ds = distill.DistilledSet.load(a.distilled)
+    test = data.load(a.dataset, "test", root=a.data_root, download=a.download)
+    if len(ds.classes) != len(test.classes):
+        raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
+    bb = backbones.load(a.backbone, a.device)
+    result = evaluate.linear_probe(bb, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
+                                   views=a.views)
+    result.meta.update(distilled=a.distilled, distill_backbone=ds.meta.get("backbone"), dataset=a.dataset)
+    _report(result, a.json, f"{a.distilled} on {bb.name}")
+
+
+def _cmd_baselines(a: argparse.Namespace) -> None:
+    from . import backbones, data, distill, evaluate
+
+    train = data.load(a.dataset, "train", root=a.data_root, download=a.download)
+    test = data.load(a.dataset, "test", root=a.data_root, download=a.download)
+    bb = backbones.load(a.backbone, a.device)
+    if a.kind == "neighbors" and not a.distilled:
+        raise CliError("--kind neighbors needs --distilled FILE (the set whose neighbours are taken)")
+    distilled = distill.DistilledSet.load(a.distilled) if a.distilled else None
+    kw = {} if a.kind == "full" else {"views": a.views}
+    if a.epochs:
+        kw["epochs"] = a.epochs
+    result = evaluate.baseline(a.kind, bb, train, test, a.resolution, ipc=a.ipc, seeds=tuple(range(a.seeds)),
+                               distilled=distilled, **kw)
+    result.meta.update(dataset=a.dataset, ipc=a.ipc)
+    _report(result, a.json, f"{a.kind} baseline on {bb.name}")
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from . import backbones, bench, data
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    bb = backbones.load(a.backbone, a.device, pretrained=not a.random_weights)
+    if a.what == "stats":
+        ds = data.load(a.dataset, "train", root=a.data_root, download=a.download)
+        row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size)
+        print(f"statistics pass {row['extract_img_s']} img/s, forward only {row['forward_img_s']} img/s: "
+              f"ratio {row['ratio']:.2f} ({row['backbone']} at {row['resolution']} px, batch {row['batch_size']}, "
+              f"{row['device']}, {row['threads']} threads)")
+    else:
+        row = bench.step_cost(bb, num_classes=a.classes, ipc=a.ipc, resolution=a.resolution, crop=a.crop,
+                              augs=a.augs, two_pass=a.two_pass, chunk_size=a.chunk_size, param=a.param,
+                              steps=a.steps, optimizer=not a.no_optimizer)
+        print(f"SFM step {row['median_s']} s, peak {row['peak_gib']} GiB ({row['backbone']}, C={row['classes']}, "
+              f"ipc={row['ipc']}, {row['resolution']}->{row['crop']} px, augs={row['augs']}, "
+              f"two_pass={row['two_pass']}, {row['gpu']})")
+    print(json.dumps(row))
+    _json_out(a.json, row)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: --resolution)")
     p.add_argument("--augs", type=int, default=1, help="augmented views per image and step")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default per --param)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
+    p.add_argument("--crop-scale", type=float, default=0.08, help="smallest area fraction of the random resized crop")
+    p.add_argument("--noise-p", type=float, default=0.5, help="probability of additive Gaussian noise per view")
     p.add_argument("--param", default="pixels", choices=["pixels", "pyramid"])
     p.add_argument("--grow-every", type=int, default=200, help="pyramid: steps between new levels")
     p.add_argument("--init", default="noise", choices=["noise", "real"], help="start from noise or real images")
@@ -111,6 +181,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("eval", help="linear probe trained on a distilled set, scored on the real test split",
+                       description="Train one linear probe per seed on the distilled images (flip + random resized "
+                                   "crop views) with a frozen backbone; print and save top-1 mean ± std.")
+    _common(p)
+    p.add_argument("--distilled", required=True, help="distilled set from `python -m sfm_lib distill`")
+    p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--views", type=int, default=40, help="precomputed augmented views per image")
+    p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("baselines", help="real-image baselines scored with the same probe",
+                       description="random: IPC random real images per class (a draw per seed); centroids: the "
+                                   "real images nearest each class mean; neighbors: the nearest real image of each "
+                                   "distilled image (--distilled); full: a probe on the whole training split.")
+    _common(p)
+    p.add_argument("--kind", required=True, choices=["random", "centroids", "neighbors", "full"])
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--distilled", default=None, help="for --kind neighbors")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default 1000; 10 for full)")
+    p.add_argument("--views", type=int, default=40)
+    p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
+    p.set_defaults(func=_cmd_baselines)
+
+    p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
+                       description="'stats': the statistics pass vs forward-only throughput (same batch, resolution). "
+                                   "'step': median time and peak GPU memory of one SFM step.")
+    p.add_argument("what", choices=["stats", "step"])
+    _common(p)
+    p.add_argument("--random-weights", action="store_true", help="random backbone weights (cost only)")
+    p.add_argument("--images", type=int, default=4096, help="stats: images to stream")
+    p.add_argument("--batch-size", type=int, default=256, help="stats: batch size")
+    p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")
+    p.add_argument("--augs", type=int, default=1)
+    p.add_argument("--param", default="pixels", choices=["pixels", "pyramid"])
+    p.add_argument("--two-pass", action="store_true")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="step: timed steps (after 2 warm-up steps)")
+    p.add_argument("--no-optimizer", action="store_true", help="step: leave Adam out (bare gradient step)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="also write the result row as JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -8,7 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +20,7 @@ from .images import SyntheticImages, make_images
 from .stats import ClassStats
 from .utils import atomic_path, load_tensors, save_tensors
 
-__all__ = ["DistilledSet", "SFMObjective", "sfm", "step_gradient", "DEFAULT_LR"]
+__all__ = ["DistilledSet", "SFMObjective", "Snapshots", "sfm", "step_gradient", "DEFAULT_LR"]
 
 
 @dataclass
@@ -156,21 +156,41 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
     return loss.item()
 
 
-def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init: str, init_dataset, seed: int,
+def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init_dataset, seed: int,
                     generator: torch.Generator, **kw) -> SyntheticImages:
-    if init == "noise":
+    """``init``: "noise"; "real" (``ipc`` random real images per class of ``init_dataset``, drawn by
+    ``seed``); or a tensor of images [N, 3, H, W] in [0, 1], class-major like ``labels``."""
+    if isinstance(init, torch.Tensor):
+        if init.ndim != 4 or init.shape[0] != len(labels) or init.shape[1] != 3:
+            raise ValueError(f"init images must be [{len(labels)}, 3, H, W] (class-major), got {tuple(init.shape)}")
+        real = init.float()
+    elif init == "noise":
         return make_images(kind, len(labels), resolution, generator=generator, **kw)
-    if init != "real":
-        raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
-    if init_dataset is None:
+    elif init != "real":
+        raise ValueError(f"init must be 'noise', 'real' or a tensor of images, got {init!r}")
+    elif init_dataset is None:
         raise ValueError("init='real' needs init_dataset (the real training set)")
-    ipc = int((labels == 0).sum())
-    sub = data.subset_per_class(init_dataset, ipc, seed=seed)
-    order = torch.argsort(sub.targets, stable=True)
-    real = torch.stack([sub[int(i)][0] for i in order])
+    else:
+        ipc = int((labels == 0).sum())
+        sub = data.subset_per_class(init_dataset, ipc, seed=seed)
+        order = torch.argsort(sub.targets, stable=True)
+        real = torch.stack([sub[int(i)][0] for i in order])
     real = torch.nn.functional.interpolate(real, size=(resolution, resolution), mode="bilinear",
                                            align_corners=False, antialias=real.shape[-1] > resolution)
     return make_images(kind, len(labels), resolution, init=real, generator=generator, **kw)
+
+
+class Snapshots:
+    """A ``callback`` for :func:`sfm` that keeps the decoded images after the given step counts."""
+
+    def __init__(self, after_steps: Sequence[int]):
+        self.after_steps = set(int(s) for s in after_steps)
+        self.images: dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int, loss: float, images: SyntheticImages) -> None:
+        if step + 1 in self.after_steps:
+            with torch.no_grad():
+                self.images[step + 1] = images.decode().float().cpu()
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -187,8 +207,16 @@ def _load_checkpoint(path: Path) -> dict:
                          f"over, or point --checkpoint elsewhere") from err
 
 
+def _lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+    """Learning rate of step ``step`` (0-based): constant, or cosine-decayed lr·(1 + cos(π·step/steps))/2."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+
+
 def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, resolution: int = 64, *,
-        crop: int | None = None, augs: int = 1, lr: float | None = None, param: str = "pixels",
+        crop: int | None = None, augs: int = 1, lr: float | None = None, schedule: str = "constant",
+        param: str = "pixels",
         grow_every: int = 200, init: str = "noise", init_dataset=None, loss: str = "flow",
         subclass: bool = False, augment: Augment | None = None, seed: int = 0, two_pass: bool = False,
         chunk_size: int = 256, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
@@ -199,15 +227,19 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
     L = 1 − cos(vec F̃(z), vec F(μ)); Adam step on θ. The backbone runs in bf16 autocast on CUDA.
 
     ``param`` "pixels" or "pyramid" (levels added every ``grow_every`` steps, Adam re-created then);
-    ``init`` "noise" or "real" (random real images of ``init_dataset``); ``loss`` "flow" or "mse";
+    ``init`` "noise", "real" (random real images of ``init_dataset``) or a tensor of start images
+    (class-major, e.g. the real images nearest each class mean); ``loss`` "flow" or "mse";
     ``subclass`` matches image j of class c to the j-th k-means centre (needs ``stats.centres``).
     ``two_pass``: memory-bounded backward (see :func:`step_gradient`), same gradient.
     ``checkpoint``: written atomically every ``checkpoint_every`` steps and at the end (images, optimizer,
     every RNG state, step, loss history); ``resume=True`` continues from it and ends with exactly the
-    images of an uninterrupted run. ``callback(step, loss)`` is called after every step.
+    images of an uninterrupted run. ``callback(step, loss, images)`` is called after every step (e.g.
+    :class:`Snapshots`).
     """
     if ipc < 1:
         raise ValueError(f"ipc must be ≥ 1, got {ipc}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if steps < 0 or augs < 1 or chunk_size < 1 or checkpoint_every < 1:
         raise ValueError(f"need steps ≥ 0, augs ≥ 1, chunk_size ≥ 1, checkpoint_every ≥ 1 "
                          f"(got {steps}, {augs}, {chunk_size}, {checkpoint_every})")
@@ -224,8 +256,8 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
     slots = torch.arange(ipc, device=dev).repeat(C)
     objective = SFMObjective(stats, dev, loss, subclass, ipc)
     config = {"method": "sfm", "backbone": backbone.name, "ipc": ipc, "steps": steps, "resolution": resolution,
-              "crop": crop, "augs": augs, "lr": lr, "param": param, "grow_every": grow_every, "init": init,
-              "loss": loss, "subclass": subclass, "seed": seed, "augment": dataclasses.asdict(augment),
+              "crop": crop, "augs": augs, "lr": lr, "schedule": schedule, "param": param, "grow_every": grow_every,
+              "init": "images" if isinstance(init, torch.Tensor) else init, "loss": loss, "subclass": subclass, "seed": seed, "augment": dataclasses.asdict(augment),
               "two_pass": two_pass, "dataset": stats.meta.get("dataset"), "stats_resolution":
               stats.meta.get("resolution")}
 
@@ -239,7 +271,8 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt is not None and ckpt.is_file():
         state = _load_checkpoint(ckpt)
-        keys = ("ipc", "resolution", "crop", "param", "loss", "subclass", "seed", "backbone", "augs")
+        keys = ("ipc", "resolution", "crop", "param", "loss", "subclass", "seed", "backbone", "augs", "lr",
+                "schedule", "init")
         diff = {k: (state["config"].get(k), config[k]) for k in keys if state["config"].get(k) != config[k]}
         if diff:
             raise ValueError(f"checkpoint {ckpt} was made with other settings (saved, now): {diff}")
@@ -248,7 +281,7 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
         opt = make_opt()
         opt.load_state_dict(state["optimizer"])
         image_gen.set_state(state["image_rng"])
-        aug_gen.set_state(state["aug_rng"].to(aug_gen.get_state().device))
+        aug_gen.set_state(state["aug_rng"])  # generator states are CPU byte tensors, CUDA ones too
         start, history = int(state["step"]), list(state["history"])
     elif resume and ckpt is None:
         raise ValueError("resume=True needs a checkpoint path")
@@ -275,12 +308,14 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
             kept = f"the last good checkpoint is kept at {ckpt}" if ckpt and ckpt.is_file() else "no checkpoint"
             raise FloatingPointError(f"the loss became {value} at step {step}; {kept}. Try a lower lr "
                                      f"(now {lr}).")
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, schedule)
         opt.step()
         history.append(value)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if callback is not None:
-            callback(step, value)
+            callback(step, value, images)
         if ckpt is not None and (step + 1) % checkpoint_every == 0:
             _save_checkpoint(ckpt, snapshot(step + 1))
     bar.close()

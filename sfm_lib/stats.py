@@ -21,7 +21,7 @@ from . import features as features_mod
 from .backbones import Backbone
 from .utils import cache_dir, load_tensors, save_tensors
 
-__all__ = ["ClassStats", "extract", "cached_extract", "kmeans"]
+__all__ = ["ClassStats", "extract", "cached_extract", "kmeans", "class_centres"]
 
 
 @dataclass
@@ -99,6 +99,20 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, generator: torch.Generator 
         c = new
     sizes = torch.bincount(torch.cdist(x, c).argmin(1), minlength=k)
     return c[sizes.argsort(descending=True, stable=True)]
+
+
+def class_centres(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, sample: int = 2000,
+                  seed: int = 0) -> torch.Tensor:
+    """K k-means centres per class [C, K, D] from given features (e.g. the feature cache), each class
+    subsampled to at most ``sample`` rows by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(num_classes):
+        rows = features[labels == c]
+        if len(rows) > sample:
+            rows = rows[torch.randperm(len(rows), generator=g)[:sample]]
+        out.append(kmeans(rows, k, generator=g))
+    return torch.stack(out)
 
 
 class _Reservoir:

@@ -63,3 +63,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist_dir(tmp_path_factory):
+    """A folder of Fashion-MNIST idx files cut to 30 train / 10 test images per class (for $SFM_DATA), so
+    command-line runs over whole splits stay fast."""
+    import gzip
+    import struct
+
+    from sfm_lib import data
+
+    folder = tmp_path_factory.mktemp("tiny_fmnist")
+    for split, prefix, n in [("train", "train", 30), ("test", "t10k", 10)]:
+        ds = data.load("fashion_mnist", split)
+        idx = data.subset_per_class(ds, n).indices
+        images, labels = ds.images[idx], ds.targets[idx].to(torch.uint8)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBBIII", 0, 8, 3, len(idx), 28, 28) + images.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBBI", 0, 8, 1, len(idx)) + labels.numpy().tobytes())
+    return folder

@@ -112,7 +112,7 @@ def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_
     class Killed(Exception):
         pass
 
-    def kill_at_5(step, loss):
+    def kill_at_5(step, loss, images):
         if step == 4:  # dies during step 5: the last checkpoint is the one after step 4
             raise Killed
 
@@ -197,3 +197,36 @@ def test_an_existing_checkpoint_is_never_overwritten_by_a_fresh_run(lite0, toy_s
     with pytest.raises(FileExistsError, match="resume"):
         _run(lite0, toy_stats, checkpoint=ckpt, steps=2)
     assert ckpt.read_bytes() == before
+
+
+def test_snapshots_keep_the_images_after_the_asked_steps(lite0, toy_stats):
+    snaps = distill.Snapshots([1, 3])
+    out = _run(lite0, toy_stats, steps=3, callback=snaps)
+    assert sorted(snaps.images) == [1, 3]
+    torch.testing.assert_close(snaps.images[3], out.images)
+    assert not torch.equal(snaps.images[1], snaps.images[3])
+
+
+def test_cosine_schedule_values():
+    import math
+
+    assert distill._lr_at(0, 100, 0.1, "cosine") == pytest.approx(0.1)
+    assert distill._lr_at(50, 100, 0.1, "cosine") == pytest.approx(0.05)
+    assert distill._lr_at(25, 100, 0.1, "cosine") == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert distill._lr_at(99, 100, 0.1, "cosine") < 0.1 * 1e-3
+    assert distill._lr_at(99, 100, 0.1, "constant") == 0.1
+
+
+def test_cosine_schedule_resumes_exactly(lite0, toy_stats, tmp_path):
+    kw = dict(steps=5, schedule="cosine", checkpoint_every=2)
+    full = _run(lite0, toy_stats, checkpoint=tmp_path / "a.pt", **kw)
+    part = tmp_path / "b.pt"
+
+    def stop(step, loss, images):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(lite0, toy_stats, checkpoint=part, callback=stop, **kw)
+    resumed = _run(lite0, toy_stats, checkpoint=part, resume=True, **kw)
+    torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0)

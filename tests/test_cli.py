@@ -1,0 +1,82 @@
+"""The command line end to end on tiny inputs: stats -> distill -> eval/baselines, errors, --help."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from sfm_lib.cli import main
+
+
+@pytest.mark.parametrize("command", ["stats", "distill", "eval", "baselines", "bench"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs():
+    out = subprocess.run([sys.executable, "-m", "sfm_lib", "--help"], capture_output=True, text=True, check=True)
+    assert "stats" in out.stdout and "distill" in out.stdout
+
+
+def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeypatch):
+    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))  # 300 train / 100 test images: fast full splits
+    stats_path, out_path = tmp_path / "s.safetensors", tmp_path / "d.safetensors"
+    assert main(["stats", "--resolution", "32", "--max-per-class", "5", "--out", str(stats_path),
+                 "--device", "cpu"]) == 0
+    with safe_open(str(stats_path), framework="pt") as f:
+        assert f.get_tensor("means").shape == (10, 1280) and f.get_tensor("counts").tolist() == [5] * 10
+    assert main(["stats", "--resolution", "32", "--out", str(tmp_path / "all.safetensors"), "--device", "cpu"]) == 0
+    with safe_open(str(tmp_path / "all.safetensors"), framework="pt") as f:
+        assert f.get_tensor("counts").tolist() == [30] * 10, "the whole (tiny) split from $SFM_DATA"
+    assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "3",
+                 "--out", str(out_path), "--device", "cpu"]) == 0
+    with safe_open(str(out_path), framework="pt") as f:
+        images, labels = f.get_tensor("images"), f.get_tensor("labels")
+    assert images.shape == (10, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    assert labels.tolist() == list(range(10))
+    # a finished run resumes to the same result; a fresh run refuses to clobber its checkpoint
+    assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "3",
+                 "--out", str(out_path), "--device", "cpu", "--resume"]) == 0
+    assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "3",
+                 "--out", str(out_path), "--device", "cpu"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    res = tmp_path / "r.json"
+    assert main(["eval", "--distilled", str(out_path), "--backbone", "effnet_lite0", "--resolution", "32",
+                 "--seeds", "2", "--epochs", "3", "--views", "2", "--json", str(res), "--device", "cpu"]) == 0
+    got = json.loads(res.read_text())
+    assert {"top1_mean", "top1_std", "seeds"} <= got.keys() and got["seeds"] == [0, 1]
+    assert "top-1" in capsys.readouterr().out
+    for kind in ["random", "centroids", "neighbors", "full"]:
+        res = tmp_path / f"{kind}.json"
+        args = ["baselines", "--kind", kind, "--resolution", "32", "--seeds", "2", "--epochs", "2",
+                "--views", "2", "--json", str(res), "--device", "cpu"]
+        if kind == "neighbors":
+            args += ["--distilled", str(out_path)]
+        assert main(args) == 0, kind
+        assert 0 <= json.loads(res.read_text())["top1_mean"] <= 100
+
+
+def test_bad_input_gives_a_clear_message_and_status_2(tmp_path, capsys):
+    assert main(["distill", "--stats", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["stats", "--dataset", "nope", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    assert main(["baselines", "--kind", "neighbors", "--resolution", "32"]) == 2
+    assert "--distilled" in capsys.readouterr().err
+
+
+def test_bench_prints_a_ratio_and_a_step_cost(tmp_path, capsys):
+    assert main(["bench", "stats", "--resolution", "32", "--images", "64", "--batch-size", "32",
+                 "--device", "cpu"]) == 0
+    assert "ratio" in capsys.readouterr().out
+    res = tmp_path / "b.json"
+    assert main(["bench", "step", "--resolution", "32", "--classes", "3", "--steps", "1", "--device", "cpu",
+                 "--two-pass", "--chunk-size", "2", "--json", str(res)]) == 0
+    assert json.loads(res.read_text())["median_s"] > 0
