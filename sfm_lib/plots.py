@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve"]
+__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid"]
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
@@ -113,3 +113,22 @@ def loss_curve(history: Sequence[float], ax=None, title: str | None = None, labe
     if label:
         ax.legend()
     return ax
+
+
+def snapshot_grid(snapshots: dict[int, torch.Tensor], labels: torch.Tensor, classes: Sequence[str],
+                  per_class: int = 1, title: str | None = None):
+    """Rows = classes, columns = optimisation steps: how the first image(s) of each class evolve."""
+    import matplotlib.pyplot as plt
+
+    steps = sorted(snapshots)
+    C = len(classes)
+    fig, axes = plt.subplots(1, len(steps), figsize=(1.1 * len(steps) * per_class + 1.5, 0.9 * C + 0.8),
+                             squeeze=False)
+    for j, (ax, s) in enumerate(zip(axes[0], steps)):
+        image_grid(snapshots[s], labels, classes, per_class=per_class, ax=ax, title=f"step {s}")
+        if j:
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,152 @@
+"""Experiments as single calls: what every chapter does first, cached distillations, and sweeps.
+
+- :func:`prepare` loads the data, the frozen backbone and the class statistics (cached on disk, so a
+  later chapter does not redo the first chapter's pass).
+- :func:`distilled` runs :func:`sfm_lib.distill.sfm`, or returns the result of an identical earlier call.
+- :func:`sweep` distils and probes a set of variants and returns a tidy table; :data:`ABLATIONS` holds the
+  standard ones (augmented views, parameterisation, loss, sub-class targets, IPC).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from . import backbones, data, distill, evaluate, features, stats
+from .augment import Augment
+from .utils import cache_dir, resolve_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Context", "prepare", "distilled", "sweep", "ABLATIONS"]
+
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "augs": {"A=1": {"augs": 1}, "A=2": {"augs": 2}},
+    "init": {"centroid images": {"init": "centroids"}, "random real images": {"init": "real"},
+             "noise": {"init": "noise"}},
+    "noise": {"no noise": {"noise_p": 0.0}, "noise p=0.5": {"noise_p": 0.5}},
+    "crop": {"crop area 30-100%": {"crop_scale": 0.3}, "crop area 8-100%": {"crop_scale": 0.08}},
+    "param": {"pixels": {"param": "pixels"}, "pyramid": {"param": "pyramid"}},
+    "loss": {"flow (SFM)": {"loss": "flow"}, "class-mean MSE (decoupled)": {"loss": "mse"}},
+    "subclass": {"class targets": {"subclass": False}, "sub-class targets": {"subclass": True}},
+    "ipc": {"IPC 1": {"ipc": 1}, "IPC 10": {"ipc": 10}},
+}
+"""Named ablations: variant name → keyword arguments of :func:`sfm_lib.distill.sfm`."""
+
+
+@dataclass
+class Context:
+    """A chapter's data, frozen backbone and class statistics."""
+
+    train: Dataset
+    test: Dataset
+    backbone: backbones.Backbone
+    stats: stats.ClassStats
+    resolution: int
+
+    def __repr__(self) -> str:
+        return (f"{self.train.name}: {len(self.train)} train / {len(self.test)} test images, "
+                f"{len(self.train.classes)} classes; {self.backbone}; statistics at {self.resolution} px")
+
+
+def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", resolution: int = 64,
+            images_per_class: int = 0, device: str = "auto", download: bool = False,
+            kmeans_k: int = 0) -> Context:
+    """Load train/test data, the frozen backbone and its class statistics (computed once, then cached).
+
+    ``images_per_class > 0`` keeps only the first N training images of each class (quick runs).
+    ``kmeans_k > 0`` adds K k-means centres per class, fitted on the cached features (sub-class targets).
+    In Colab ``download`` is switched on (there is internet and no local copy).
+    """
+    download = download or "google.colab" in sys.modules
+    train = data.load(dataset, "train", download=download)
+    test = data.load(dataset, "test", download=download)
+    if images_per_class:
+        train = data.subset_per_class(train, images_per_class)
+    phi = backbones.load(backbone, resolve_device(device))
+    st = stats.cached_extract(phi, train, resolution, cache_features=True)
+    if kmeans_k:
+        feats, labels = features.compute(phi, train, resolution)
+        st = dataclasses.replace(st, centres=stats.class_centres(feats, labels, st.num_classes, kmeans_k),
+                                 meta={**st.meta, "kmeans_k": kmeans_k})
+    return Context(train, test, phi, st, resolution)
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, Dataset):
+        return features.dataset_key(value) or f"{value.name}-subset-{len(value)}"
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+_SFM_SIGNATURE = inspect.signature(distill.sfm)
+
+
+def distilled(ctx: Context, *, crop_scale: float | None = None, noise_p: float | None = None,
+              **kwargs) -> distill.DistilledSet:
+    """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)``, cached on disk by its
+    arguments and the statistics. With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run
+    always happens, since its side effects are wanted, and its result is stored for later calls.
+
+    Shorthands: ``crop_scale`` (smallest crop area) and ``noise_p`` build the ``augment``; ``init="real"``
+    takes random images of ``ctx.train``; ``init="centroids"`` starts from the real images whose features are
+    nearest the class means."""
+    kwargs.setdefault("resolution", ctx.resolution)
+    kwargs.setdefault("progress", False)
+    if crop_scale is not None or noise_p is not None:
+        base = kwargs.get("augment") or Augment()
+        kwargs["augment"] = dataclasses.replace(base, scale=(base.scale[0] if crop_scale is None else crop_scale,
+                                                             base.scale[1]),
+                                                noise_p=base.noise_p if noise_p is None else noise_p)
+    if kwargs.get("init") == "real":
+        kwargs.setdefault("init_dataset", ctx.train)
+    # the key holds every argument of sfm() with its default filled in, so equal runs share one file
+    bound = _SFM_SIGNATURE.bind_partial(ctx.backbone, ctx.stats, **kwargs)
+    bound.apply_defaults()
+    described = {k: _describe(v) for k, v in bound.arguments.items()
+                 if k not in ("backbone", "stats", "callback", "progress")}
+    tensors = [ctx.stats.means] + ([ctx.stats.centres] if kwargs.get("subclass") else [])
+    fingerprint = hashlib.sha1(b"".join(t.double().numpy().tobytes() for t in tensors)).hexdigest()
+    blob = json.dumps({"args": described, "stats": fingerprint, "backbone": ctx.backbone.name}, sort_keys=True,
+                      default=str)
+    path = cache_dir() / "distilled" / f"sfm-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.safetensors"
+    if path.is_file() and kwargs.get("callback") is None:
+        return distill.DistilledSet.load(path)
+    if kwargs.get("init") == "centroids":
+        nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
+        kwargs["init"] = torch.stack([img for img, _ in nearest])
+    result = distill.sfm(ctx.backbone, ctx.stats, **kwargs)
+    result.meta["init"] = described.get("init", "noise")
+    result.save(path)
+    return result
+
+
+def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapping[str, Any] | None = None,
+          distill_seeds: Sequence[int] = (0,), probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000,
+          views: int = 40, progress: bool = False) -> "pd.DataFrame":
+    """Distil every variant (``base`` updated by the variant's keywords) once per distillation seed, probe
+    each result with ``probe_seeds``; one row per (variant, distillation seed): ``variant``,
+    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``, ``distill_time_s``."""
+    import pandas as pd
+
+    rows = []
+    for name, kw in variants.items():
+        for seed in distill_seeds:
+            args = {**(base or {}), **kw, "seed": seed, "progress": progress}
+            result = distilled(ctx, **args)
+            probe = evaluate.linear_probe(ctx.backbone, result, ctx.test, ctx.resolution, epochs=epochs,
+                                          seeds=probe_seeds, views=views)
+            hist = result.meta.get("loss_history") or [float("nan")]
+            rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
+                         "top1_std": probe.top1_std, "final_loss": hist[-1],
+                         "distill_time_s": result.meta.get("time_s")})
+    return pd.DataFrame(rows)

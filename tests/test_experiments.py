@@ -1,0 +1,45 @@
+"""experiments: the chapters' one-call set-up, the distillation cache and sweeps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfm_lib import distill, experiments
+
+
+@pytest.fixture(scope="module")
+def ctx(session_cache):
+    return experiments.prepare("fashion_mnist", "effnet_lite0", 32, images_per_class=6, device="cpu", kmeans_k=2)
+
+
+def test_prepare_gives_statistics_of_the_subset(ctx):
+    assert len(ctx.train) == 60 and ctx.stats.counts.tolist() == [6] * 10
+    assert ctx.stats.centres.shape == (10, 2, 1280) and ctx.stats.meta["kmeans_k"] == 2
+    assert "60 train" in repr(ctx)
+
+
+def test_distilled_is_cached_by_its_arguments(ctx, monkeypatch):
+    first = experiments.distilled(ctx, steps=2, seed=5, crop_scale=0.3, noise_p=0.0)
+    assert first.meta["augment"]["scale"] == [0.3, 1.0] or tuple(first.meta["augment"]["scale"]) == (0.3, 1.0)
+    assert first.meta["augment"]["noise_p"] == 0.0
+    calls = []
+    monkeypatch.setattr(distill, "sfm", lambda *a, **k: calls.append(k) or first)
+    again = experiments.distilled(ctx, steps=2, seed=5, crop_scale=0.3, noise_p=0.0)
+    assert not calls and torch.equal(again.images, first.images)
+    experiments.distilled(ctx, steps=2, seed=6, crop_scale=0.3, noise_p=0.0)  # other seed: a new run
+    assert len(calls) == 1
+    experiments.distilled(ctx, steps=2, seed=5, crop_scale=0.3, noise_p=0.0, callback=lambda *a: None)
+    assert len(calls) == 2, "a callback forces the run"
+
+
+def test_real_init_takes_the_chapter_training_set(ctx):
+    out = experiments.distilled(ctx, steps=0, init="real", seed=1)
+    assert out.meta["init"] == "real" and out.images.shape == (10, 3, 32, 32)
+
+
+def test_sweep_returns_a_tidy_table(ctx):
+    df = experiments.sweep(ctx, experiments.ABLATIONS["loss"], base={"steps": 2}, probe_seeds=(0,), epochs=2,
+                           views=2)
+    assert list(df["variant"]) == list(experiments.ABLATIONS["loss"])
+    assert {"top1_mean", "top1_std", "final_loss", "distill_time_s", "distill_seed"} <= set(df.columns)
+    assert df["top1_mean"].between(0, 100).all()
