@@ -24,9 +24,25 @@ import torch.nn.functional as F
 
 from .utils import resolve_device
 
-__all__ = ["Backbone", "load", "OFFLINE_NAMES"]
+__all__ = ["Backbone", "load", "square_resize", "OFFLINE_NAMES"]
 
 OFFLINE_NAMES = ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+
+
+def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Centre square crop, then bilinear resize to ``resolution`` (antialiased when shrinking); no-op when the
+    images are already ``resolution``². Differentiable; works on [N,3,H,W] and [3,H,W]."""
+    h, w = images.shape[-2:]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top:top + side, left:left + side]
+    if images.shape[-1] == resolution:
+        return images
+    batched = images if images.ndim == 4 else images[None]
+    out = F.interpolate(batched, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                        antialias=batched.shape[-1] > resolution)
+    return out if images.ndim == 4 else out[0]
 
 
 class Backbone:
@@ -62,15 +78,7 @@ class Backbone:
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [N,3,H,W], got {tuple(images.shape)}")
-        images = images.to(self.device, non_blocking=True)
-        h, w = images.shape[-2:]
-        if h != w:
-            side = min(h, w)
-            top, left = (h - side) // 2, (w - side) // 2
-            images = images[..., top:top + side, left:left + side]
-        if images.shape[-1] != resolution:
-            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                                   antialias=images.shape[-1] > resolution)
+        images = square_resize(images.to(self.device, non_blocking=True), resolution)
         return (images - self._mean) / self._std
 
     def autocast(self) -> contextlib.AbstractContextManager:

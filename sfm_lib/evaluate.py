@@ -35,7 +35,7 @@ from . import backbones as backbones_mod
 from . import data as data_mod
 from . import features as features_mod
 from .augment import Augment
-from .backbones import Backbone
+from .backbones import Backbone, square_resize
 from .data import TensorImageDataset
 from .distill import DistilledSet
 from .stats import ClassStats
@@ -210,21 +210,6 @@ def _accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[flo
 
 
 # ---------------------------------------------------------------------------------------- view features
-def _square(images: Tensor) -> Tensor:
-    h, w = images.shape[-2:]
-    side = min(h, w)
-    return images[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-
-
-def _resize(images: Tensor, resolution: int) -> Tensor:
-    """Centre square crop + bilinear resize (antialiased when shrinking), as in ``Backbone.preprocess``."""
-    images = _square(images)
-    if images.shape[-1] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=images.shape[-1] > resolution)
-
-
 def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
     """All images [N, 3, H, W] in [0, 1] (one size; mixed sizes are resized to ``resolution``) and labels [N]."""
     if isinstance(dataset, DistilledSet):
@@ -239,7 +224,7 @@ def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
         raise ValueError("the training set is empty")
     images = [img for img, _ in items]
     if len({tuple(img.shape) for img in images}) > 1:
-        images = [_resize(img[None], resolution)[0] for img in images]
+        images = [square_resize(img, resolution) for img in images]
     return torch.stack(images), torch.tensor([int(y) for _, y in items], dtype=torch.long)
 
 
@@ -253,9 +238,7 @@ def view_features(backbone: Backbone, images: Tensor, resolution: int, views: in
     if views < 1:
         raise ValueError(f"views must be ≥ 1 (1 = no augmentation), got {views}")
     n, dev = images.shape[0], backbone.device
-    base = _square(images)
-    if base.shape[-1] > resolution:
-        base = _resize(base, resolution)
+    base = square_resize(images, min(resolution, min(images.shape[-2:])))
     aug, gen = Augment.probe(), torch.Generator().manual_seed(int(seed))
     params = aug.sample(n * (views - 1), gen)  # row j ↦ image j % n, view 1 + j // n
     chunks = []

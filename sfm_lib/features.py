@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Backbone
+from .backbones import Backbone, square_resize
 from .data import TensorImageDataset
 from .utils import cache_dir, load_tensors, save_tensors
 
@@ -33,13 +32,7 @@ class _SquareResize(Dataset):
 
     def __getitem__(self, i: int):
         img, label = self.dataset[i]
-        h, w = img.shape[-2:]
-        side = min(h, w)
-        img = img[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-        if side != self.resolution:
-            img = F.interpolate(img[None], size=(self.resolution, self.resolution), mode="bilinear",
-                                align_corners=False, antialias=side > self.resolution)[0]
-        return img, label
+        return square_resize(img, self.resolution), label
 
 
 def default_workers(dataset: Dataset) -> int:

@@ -87,13 +87,14 @@ def synthetic_flow(features: Tensor, labels: Tensor, num_classes: int) -> Tensor
 
 
 def _cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """cos(vec a, vec b) = <a, b> / max(‖a‖·‖b‖, eps), computed in at least float32."""
+    """cos(vec a, vec b) = <a, b> / max(‖a‖·‖b‖, eps), computed in at least float32 and clamped to [−1, 1]
+    (rounding can push it just past ±1; the loss 1 − cos then stays in [0, 2])."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     a = a.reshape(-1).to(dtype)
     b = b.reshape(-1).to(dtype)
-    return (a @ b) / (a.norm() * b.norm()).clamp_min(eps)
+    return ((a @ b) / (a.norm() * b.norm()).clamp_min(eps)).clamp(-1.0, 1.0)
 
 
 def sfm_loss(syn_flow: Tensor, real_flow: Tensor) -> Tensor:

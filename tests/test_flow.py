@@ -196,3 +196,11 @@ def test_low_precision_inputs_give_float32_loss():
     loss = sfm_loss(f.bfloat16(), f)
     assert loss.dtype == torch.float32
     assert loss.item() < 1e-3
+
+
+def test_loss_of_identical_flows_is_exactly_zero_not_negative():
+    torch.manual_seed(0)
+    for _ in range(20):
+        f = torch.randn(10, 1280)
+        assert float(sfm_loss(f, f.clone())) >= 0.0
+        assert float(sfm_loss(f, -f)) <= 2.0

@@ -67,3 +67,24 @@ def test_chapter_runs_with_tiny_parameters(name, tmp_path, session_cache):
     assert not errors
     images = [o for c in out["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "every chapter draws at least one figure"
+
+
+@pytest.mark.slow
+def test_a_failing_chapter_fails_the_book_build(tmp_path):
+    """The book's own execution settings: a chapter that raises must make `jupyter-book build` fail."""
+    import shutil
+    import subprocess
+    import sys
+
+    import nbformat
+
+    shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: broken\n")
+    (tmp_path / "intro.md").write_text("# intro\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("raise RuntimeError('chapter failed')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "broken.ipynb")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    run = subprocess.run([str(jb), "build", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0, run.stdout[-2000:]

@@ -279,3 +279,16 @@ def test_cached_extract_reuses_file(lite0, small_split, fresh_cache, monkeypatch
         stats.cached_extract(lite0, small_split, RES, kmeans_k=2, progress=False)
     with pytest.raises(AssertionError, match="again"):
         stats.cached_extract(lite0, data.subset_per_class(small_split, 2), RES, progress=False)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from sfm_lib.utils import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "p.safetensors", {"a": torch.zeros(2)}, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o644
