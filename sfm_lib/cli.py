@@ -52,9 +52,10 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, stats
     from .augment import Augment
 
-    if a.method != "sfm":
-        raise CliError(f"--method {a.method}: only 'sfm' is implemented in this command so far")
     st = stats.ClassStats.load(a.stats)
+    if a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
+        raise CliError(f"--init real takes images from --dataset {a.dataset}, but {a.stats} holds statistics of "
+                       f"{st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bb = backbones.load(a.backbone, a.device)
     init_ds = data.load(a.dataset, "train", root=a.data_root, download=a.download) if a.init == "real" else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")

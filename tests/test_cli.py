@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from sfm_lib.cli import main
+from sfm_lib.stats import ClassStats
 
 
 @pytest.mark.parametrize("command", ["stats", "distill", "eval", "baselines", "bench"])
@@ -70,6 +72,11 @@ def test_bad_input_gives_a_clear_message_and_status_2(tmp_path, capsys):
     assert "unknown dataset" in capsys.readouterr().err
     assert main(["baselines", "--kind", "neighbors", "--resolution", "32"]) == 2
     assert "--distilled" in capsys.readouterr().err
+    ClassStats(torch.zeros(10, 1280, dtype=torch.float64), torch.ones(10, dtype=torch.long), list("abcdefghij"),
+               {"backbone": "effnet_lite0", "dataset": "cifar10"}).save(tmp_path / "c.safetensors")
+    assert main(["distill", "--stats", str(tmp_path / "c.safetensors"), "--init", "real", "--steps", "1",
+                 "--out", str(tmp_path / "o.safetensors"), "--device", "cpu"]) == 2
+    assert "--dataset cifar10" in capsys.readouterr().err
 
 
 def test_bench_prints_a_ratio_and_a_step_cost(tmp_path, capsys):
