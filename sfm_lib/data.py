@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from .utils import cache_dir
 
-__all__ = ["load", "TensorImageDataset", "ImageFolderDataset", "subset_per_class", "DEBIAN_FASHION_MNIST", "NAMES"]
+__all__ = ["load", "TensorImageDataset", "ImageFolderDataset", "subset", "subset_per_class", "DEBIAN_FASHION_MNIST",
+           "NAMES"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -98,6 +99,15 @@ class ImageFolderDataset(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, int(self.targets[i])
 
 
+def subset(dataset: Dataset, indices: Sequence[int]) -> torch.utils.data.Subset:
+    """``dataset[indices]`` as a Subset that keeps ``targets``, ``classes``, ``name`` and ``image_size``."""
+    sub = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+    sub.targets = dataset.targets[torch.as_tensor(sub.indices, dtype=torch.long)]
+    sub.classes, sub.name = dataset.classes, dataset.name
+    sub.image_size = getattr(dataset, "image_size", None)
+    return sub
+
+
 def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) -> torch.utils.data.Subset:
     """The first ``per_class`` images of every class (or a random ``per_class`` if ``seed`` is given)."""
     targets = dataset.targets
@@ -108,11 +118,7 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
         if g is not None:
             idx = idx[torch.randperm(len(idx), generator=g)]
         picks.append(idx[:per_class])
-    sub = torch.utils.data.Subset(dataset, torch.cat(picks).sort().values.tolist())
-    sub.targets = targets[sub.indices]
-    sub.classes, sub.name = dataset.classes, dataset.name
-    sub.image_size = getattr(dataset, "image_size", None)
-    return sub
+    return subset(dataset, torch.cat(picks).sort().values.tolist())
 
 
 # ----------------------------------------------------------------------------------------------- idx files

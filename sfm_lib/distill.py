@@ -175,8 +175,6 @@ def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init
         sub = data.subset_per_class(init_dataset, ipc, seed=seed)
         order = torch.argsort(sub.targets, stable=True)
         real = torch.stack([sub[int(i)][0] for i in order])
-    real = torch.nn.functional.interpolate(real, size=(resolution, resolution), mode="bilinear",
-                                           align_corners=False, antialias=real.shape[-1] > resolution)
     return make_images(kind, len(labels), resolution, init=real, generator=generator, **kw)
 
 

@@ -353,15 +353,6 @@ def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, res
 
 
 # --------------------------------------------------------------------------------------------- baselines
-def _subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
-    """A Subset carrying ``targets``, ``classes``, ``name`` and ``image_size`` like ``data.subset_per_class``."""
-    sub = Subset(dataset, [int(i) for i in indices])
-    sub.targets = dataset.targets[torch.as_tensor(sub.indices, dtype=torch.long)]
-    sub.classes, sub.name = dataset.classes, dataset.name
-    sub.image_size = getattr(dataset, "image_size", None)
-    return sub
-
-
 def random_subset(dataset: Dataset, ipc: int, seed: int) -> Subset:
     """``ipc`` real images per class drawn uniformly without replacement by ``seed`` (indices sorted)."""
     if ipc < 1:
@@ -399,7 +390,7 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
             raise ValueError(f"class {dataset.classes[c]!r} has {len(idx)} images, fewer than ipc={ipc}")
         d = ((x[idx] - means[c]) ** 2).sum(1)
         picks.append(idx[d.argsort(stable=True)[:ipc]])
-    return _subset(dataset, torch.cat(picks).tolist())
+    return data_mod.subset(dataset, torch.cat(picks).tolist())
 
 
 def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSet, resolution: int, *,
@@ -425,7 +416,7 @@ def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSe
         rows = torch.nonzero(labels == c).flatten()
         d = torch.cdist(q[rows], x[pool])
         picks[rows] = pool[d.argmin(1)]
-    return _subset(dataset, picks.tolist())
+    return data_mod.subset(dataset, picks.tolist())
 
 
 def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, ipc: int = 1,
