@@ -126,13 +126,16 @@ def test_train_probe_equals_hand_written_adam_with_cosine_lr():
     torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_default_init_is_nn_linear_under_manual_seed():
+def test_default_init_is_the_released_head_normal_001_zero_bias():
     X, y = torch.randn(5, 6), torch.tensor([0, 1, 0, 1, 0])
     W, b = train_probe(X, y, 2, epochs=1, lr=0.0, seed=7)  # lr 0: the init comes back unchanged
-    torch.manual_seed(7)
-    lin = torch.nn.Linear(6, 2)
-    torch.testing.assert_close(W, lin.weight.detach())
-    torch.testing.assert_close(b, lin.bias.detach())
+    expected = 0.01 * torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(W, expected.float())
+    assert torch.equal(b, torch.zeros(2))
+    W8, _ = train_probe(X, y, 2, epochs=1, lr=0.0, seed=8)
+    assert not torch.equal(W8, W), "each seed draws its own head"
+    big = train_probe(torch.randn(5, 4000), y, 2, epochs=1, lr=0.0, seed=1)[0]
+    assert float(big.std()) == pytest.approx(0.01, rel=0.05)
 
 
 def test_separable_features_reach_full_accuracy():
