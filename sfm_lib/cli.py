@@ -62,7 +62,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     result = distill.sfm(bb, st, ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, augs=a.augs,
                          lr=a.lr, schedule=a.schedule, augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p),
                          param=a.param, grow_every=a.grow_every, init=a.init, init_dataset=init_ds,
-                         loss=a.loss, subclass=a.subclass, seed=a.seed, two_pass=a.two_pass,
+                         loss=a.loss, subclass=a.subclass, ema=a.ema, seed=a.seed, two_pass=a.two_pass,
                          chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
                          resume=a.resume)
     result.save(a.out)
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="noise", choices=["noise", "real"], help="start from noise or real images")
     p.add_argument("--loss", default="flow", choices=["flow", "mse"], help="flow cosine (SFM) or mean MSE (ablation)")
     p.add_argument("--subclass", action="store_true", help="match image j of a class to its j-th k-means centre")
+    p.add_argument("--ema", type=float, default=0.0, help="running average of the synthetic class means in the "
+                   "loss, weight BETA in [0, 1) on the past (0: off; 0.7 ≈ twice the views per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--two-pass", action="store_true", help="memory-bounded backward (same gradient)")
     p.add_argument("--chunk-size", type=int, default=256, help="views per chunk in --two-pass mode")

@@ -17,6 +17,11 @@ flips F̃ and turns L into 2 − L).
 Sub-class targets (an extension for IPC > 1): class c gets K centres z_{c,k} and each synthetic
 image of class c is tied to a slot k. Its target is f_{c,k} = mean_{c'≠c} μ_{c'} − z_{c,k}; when
 the centres of class c average to μ_c, mean_k f_{c,k} = f_c.
+
+Smoothed synthetic statistics (an option of the distillation loop): a step sees A augmented views per
+image, so s_c is a noisy A-view estimate of the expected feature E_aug φ(aug(x̃_c)), and ∂L/∂s evaluated
+at a noisy s points the wrong way. :func:`straight_through_ema` evaluates the loss at a running average
+s̄_t = β s̄_{t−1} + (1 − β) s_t over steps while the gradient still flows through the current views.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ __all__ = [
     "synthetic_flow",
     "sfm_loss",
     "decoupled_loss",
+    "subclass_means",
     "subclass_real_flow",
     "subclass_synthetic_flow",
+    "straight_through_ema",
 ]
 
 
@@ -123,15 +130,9 @@ def subclass_real_flow(means: Tensor, centres: Tensor) -> Tensor:
     return _other_means(means).unsqueeze(1) - centres
 
 
-def subclass_synthetic_flow(features: Tensor, labels: Tensor, slots: Tensor,
-                            num_classes: int, num_slots: int) -> Tensor:
-    """Synthetic sub-class flow [C, K, D]: f̃_{c,k} = mean_{c'≠c} s_{c'} − z̃_{c,k}.
-
-    Row i of ``features`` [M, D] belongs to class ``labels[i]`` and slot ``slots[i]`` ∈ [0, K)
-    (image j of class c ↔ centre j). z̃_{c,k} is the mean over all rows of (c, k) (e.g. augmented
-    copies of one image) and s_c = mean_k z̃_{c,k} — equal to the plain per-class mean when every
-    slot has the same number of rows. Compare with ``subclass_real_flow`` via ``sfm_loss``.
-    """
+def subclass_means(features: Tensor, labels: Tensor, slots: Tensor, num_classes: int, num_slots: int) -> Tensor:
+    """Per-(class, slot) means z̃ [C, K, D]: z̃_{c,k} is the mean of the rows i of ``features`` [M, D] with
+    ``labels[i]`` = c and ``slots[i]`` = k (e.g. the augmented copies of image k of class c)."""
     n = features.shape[0]
     labels = _check_labels(labels, n, num_classes)
     slots = _check_labels(slots, n, num_slots, name="slots")
@@ -141,5 +142,38 @@ def subclass_synthetic_flow(features: Tensor, labels: Tensor, slots: Tensor,
         counts = torch.bincount(labels * num_slots + slots, minlength=num_classes * num_slots)
         empty = [divmod(i, num_slots) for i in (counts == 0).nonzero().flatten().tolist()]
         raise ValueError(f"(class, slot) pairs without any sample: {empty}") from None
-    z = z.view(num_classes, num_slots, -1)
+    return z.view(num_classes, num_slots, -1)
+
+
+def subclass_synthetic_flow(features: Tensor, labels: Tensor, slots: Tensor,
+                            num_classes: int, num_slots: int) -> Tensor:
+    """Synthetic sub-class flow [C, K, D]: f̃_{c,k} = mean_{c'≠c} s_{c'} − z̃_{c,k}.
+
+    Row i of ``features`` [M, D] belongs to class ``labels[i]`` and slot ``slots[i]`` ∈ [0, K)
+    (image j of class c ↔ centre j). z̃_{c,k} is the mean over all rows of (c, k) (see
+    :func:`subclass_means`) and s_c = mean_k z̃_{c,k} — equal to the plain per-class mean when every
+    slot has the same number of rows. Compare with ``subclass_real_flow`` via ``sfm_loss``.
+    """
+    z = subclass_means(features, labels, slots, num_classes, num_slots)
     return subclass_real_flow(z.mean(1), z)
+
+
+def straight_through_ema(current: Tensor, running: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    """Smoothed statistic with the current step's gradient: returns (ŝ, s̄) with
+
+        s̄ = β·s̄_prev + (1 − β)·sg(s)      (s̄ = sg(s) on the first call, ``running`` None)
+        ŝ = s̄ + s − sg(s)                  (value s̄, ∂ŝ/∂s = I)
+
+    sg = stop-gradient. A loss L(ŝ) has the value L(s̄) and passes ∂L/∂ŝ evaluated at s̄ back into s, i.e.
+    into the current views only; s̄ averages about (1 + β)/(1 − β) steps. ``beta`` = 0 gives ŝ = s.
+    Store s̄ (detached) and pass it back as ``running`` on the next call.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    value = current.detach()
+    if running is not None:
+        if running.shape != current.shape:
+            raise ValueError(f"running average has shape {tuple(running.shape)}, the statistic "
+                             f"{tuple(current.shape)}")
+        value = beta * running.to(value) + (1.0 - beta) * value
+    return value + (current - current.detach()), value

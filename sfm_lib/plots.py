@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid"]
+__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid", "agreement"]
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
@@ -132,3 +132,21 @@ def snapshot_grid(snapshots: dict[int, torch.Tensor], labels: torch.Tensor, clas
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def agreement(cosines: dict[str, torch.Tensor], ax=None, title: str | None = None):
+    """One box per estimator of :func:`sfm_lib.distill.gradient_agreement`: its cosines with the reference
+    gradient (1 = the gradient of the expected features)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    names = list(cosines)
+    ax.boxplot([cosines[n].numpy() for n in names], vert=False, widths=0.6)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("cos(∂L/∂s at the estimate, ∂L/∂s at the expected features)")
+    ax.set_xlim(right=1.0)
+    if title:
+        ax.set_title(title)
+    return ax

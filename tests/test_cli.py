@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from sfm_lib.cli import main
+from sfm_lib.distill import DistilledSet
 from sfm_lib.stats import ClassStats
 
 
@@ -48,6 +49,13 @@ def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeyp
     assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "3",
                  "--out", str(out_path), "--device", "cpu"]) == 2
     assert "--resume" in capsys.readouterr().err
+    ema_out = tmp_path / "ema.safetensors"
+    assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "2", "--ema", "0.5",
+                 "--out", str(ema_out), "--device", "cpu"]) == 0
+    assert DistilledSet.load(ema_out).meta["ema"] == 0.5
+    assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "2", "--ema", "1.5",
+                 "--out", str(tmp_path / "bad.safetensors"), "--device", "cpu"]) == 2
+    assert "ema must lie in [0, 1)" in capsys.readouterr().err
 
     res = tmp_path / "r.json"
     assert main(["eval", "--distilled", str(out_path), "--backbone", "effnet_lite0", "--resolution", "32",

@@ -26,7 +26,7 @@ def _run(lite0, stats, **kw):
     return distill.sfm(lite0, stats, **{**base, **kw})
 
 
-def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2):
+def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2, ema=0.0):
     torch.manual_seed(0)
     images = make_images(kind, C * ipc, RES, generator=torch.Generator().manual_seed(1),
                          **({"grow_every": 1} if kind == "pyramid" else {}))
@@ -34,7 +34,9 @@ def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2):
         images.grow(1), images.grow(2)  # three levels, so every level gets a gradient
     labels = torch.arange(C).repeat_interleave(ipc)
     slots = torch.arange(ipc).repeat(C)
-    objective = distill.SFMObjective(stats, lite0.device, ipc=ipc)
+    objective = distill.SFMObjective(stats, lite0.device, ipc=ipc, ema=ema)
+    if ema:  # a running average from "earlier steps", so the smoothing changes the gradient
+        objective.load_state_dict({"running": stats.means.float().flip(0)})
     aug = Augment()
     params = aug.sample(C * ipc * augs, torch.Generator().manual_seed(7))
     loss = distill.step_gradient(images, lite0, objective, aug, params, labels, slots, augs, RES,
@@ -42,10 +44,10 @@ def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2):
     return loss, [p.grad.clone() for p in images.parameters()]
 
 
-@pytest.mark.parametrize("kind", ["pixels", "pyramid"])
-def test_two_pass_gradient_equals_one_pass(lite0, toy_stats, kind):
-    loss1, g1 = _grads(lite0, toy_stats, kind, two_pass=False, chunk_size=1)
-    loss2, g2 = _grads(lite0, toy_stats, kind, two_pass=True, chunk_size=5)  # chunks straddle image copies
+@pytest.mark.parametrize("kind,ema", [("pixels", 0.0), ("pyramid", 0.0), ("pixels", 0.7)])
+def test_two_pass_gradient_equals_one_pass(lite0, toy_stats, kind, ema):
+    loss1, g1 = _grads(lite0, toy_stats, kind, two_pass=False, chunk_size=1, ema=ema)
+    loss2, g2 = _grads(lite0, toy_stats, kind, two_pass=True, chunk_size=5, ema=ema)  # chunks straddle copies
     assert loss1 == pytest.approx(loss2, rel=1e-5)
     for a, b in zip(g1, g2):
         assert a.abs().max() > 0
@@ -104,9 +106,9 @@ def test_sfm_reduces_the_loss_and_saves(lite0, toy_stats, tmp_path):
     assert back.meta["loss_history"] == hist and back.meta["backbone"] == lite0.name
 
 
-@pytest.mark.parametrize("param", ["pixels", "pyramid"])
-def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_path, param):
-    kw = dict(steps=7, param=param, grow_every=2, ipc=2, augs=2, checkpoint_every=2)
+@pytest.mark.parametrize("param,ema", [("pixels", 0.0), ("pyramid", 0.0), ("pixels", 0.7)])
+def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_path, param, ema):
+    kw = dict(steps=7, param=param, grow_every=2, ipc=2, augs=2, checkpoint_every=2, ema=ema)
     full = _run(lite0, toy_stats, checkpoint=tmp_path / "full.pt", **kw)
 
     class Killed(Exception):
@@ -124,6 +126,45 @@ def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_
     resumed = _run(lite0, toy_stats, checkpoint=ckpt, resume=True, **kw)
     torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0)
     assert resumed.meta["loss_history"] == full.meta["loss_history"]
+
+
+def test_resume_needs_the_saved_running_average(lite0, toy_stats, tmp_path, monkeypatch):
+    """Guards the test above: forgetting the objective's state on resume changes the result."""
+    kw = dict(steps=5, ema=0.7, checkpoint_every=2)
+    full = _run(lite0, toy_stats, checkpoint=tmp_path / "a.pt", **kw)
+    part = tmp_path / "b.pt"
+
+    def stop(step, loss, images):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(lite0, toy_stats, checkpoint=part, callback=stop, **kw)
+    assert "running" in torch.load(part, weights_only=True)["objective"]
+    monkeypatch.setattr(distill.SFMObjective, "load_state_dict", lambda self, state: None)
+    forgetful = _run(lite0, toy_stats, checkpoint=part, resume=True, **kw)
+    assert not torch.equal(forgetful.images, full.images)
+
+
+def test_objective_with_ema_is_the_loss_at_the_running_class_means(lite0, toy_stats):
+    g = torch.Generator().manual_seed(8)
+    labels = torch.arange(C).repeat(2)
+    beta = 0.6
+    objs = {kind: distill.SFMObjective(toy_stats, lite0.device, loss=kind, ipc=2, ema=beta) for kind in ("flow", "mse")}
+    running = None
+    real = toy_stats.means
+    fr = real.sum(0) / (C - 1) - real * C / (C - 1)
+    for _ in range(3):
+        z = torch.randn(2 * C, lite0.feature_dim, generator=g)
+        syn = torch.stack([z[labels == c].double().mean(0) for c in range(C)])
+        running = syn if running is None else beta * running + (1 - beta) * syn
+        fs = running.sum(0) / (C - 1) - running * C / (C - 1)
+        expected = 1 - torch.nn.functional.cosine_similarity(fs.flatten(), fr.flatten(), dim=0)
+        assert float(objs["flow"](z, labels, labels * 0)) == pytest.approx(float(expected), abs=1e-5)
+        assert float(objs["mse"](z, labels, labels * 0)) == pytest.approx(float(((running - real) ** 2).mean()),
+                                                                         rel=1e-4)
+    with pytest.raises(ValueError, match="ema must lie in"):
+        distill.SFMObjective(toy_stats, lite0.device, ema=1.0)
 
 
 def test_resume_with_other_settings_is_refused(lite0, toy_stats, tmp_path):
@@ -230,3 +271,37 @@ def test_cosine_schedule_resumes_exactly(lite0, toy_stats, tmp_path):
         _run(lite0, toy_stats, checkpoint=part, callback=stop, **kw)
     resumed = _run(lite0, toy_stats, checkpoint=part, resume=True, **kw)
     torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0)
+
+
+def test_gradient_agreement_against_a_hand_computation(lite0, toy_stats):
+    images = torch.rand(C, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(C)
+    aug = Augment()
+    with torch.no_grad():  # targets near the images' own features: the gradient is then sensitive to the views
+        near = lite0(lite0.preprocess(images, RES)).double()
+    near = near + 0.05 * near.std() * torch.randn(near.shape, generator=torch.Generator().manual_seed(1))
+    toy_stats = ClassStats(near, torch.ones(C, dtype=torch.long), list("abc"), {"backbone": lite0.name})
+    got = distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(1, 4), betas=(0.5,),
+                                     warmup=2)
+    assert float(got["A=1"].min()) < 0.99
+    assert set(got) == {"A=1", "A=4", "ema β=0.5"} and [len(v) for v in got.values()] == [4, 1, 2]
+    torch.testing.assert_close(got["A=4"], torch.ones(1), atol=1e-6, rtol=0)  # the estimate is the reference
+    gen = torch.Generator().manual_seed(0)  # the same draws, redone by hand
+    with torch.no_grad():
+        draws = [lite0(lite0.preprocess(aug(images, RES, gen), RES)).double() for _ in range(4)]
+    target = flow.real_flow(toy_stats.means.double())
+
+    def grad(s):
+        s = s.clone().requires_grad_(True)
+        fs = s.sum(0) / (C - 1) - s * C / (C - 1)
+        loss = 1 - torch.nn.functional.cosine_similarity(fs.flatten(), target.flatten(), dim=0)
+        return torch.autograd.grad(loss, s)[0].flatten()
+
+    ref = grad(sum(draws) / 4)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    assert got["A=1"].tolist() == pytest.approx([cos(grad(d), ref) for d in draws], abs=1e-5)
+    ema2 = 0.5 * (0.5 * draws[0] + 0.5 * draws[1]) + 0.5 * draws[2]
+    ema3 = 0.5 * ema2 + 0.5 * draws[3]
+    assert got["ema β=0.5"].tolist() == pytest.approx([cos(grad(ema2), ref), cos(grad(ema3), ref)], abs=1e-5)
+    with pytest.raises(ValueError, match="draws"):
+        distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(8,))

@@ -9,6 +9,8 @@ from sfm_lib.flow import (
     decoupled_loss,
     real_flow,
     sfm_loss,
+    straight_through_ema,
+    subclass_means,
     subclass_real_flow,
     subclass_synthetic_flow,
     synthetic_flow,
@@ -204,3 +206,58 @@ def test_loss_of_identical_flows_is_exactly_zero_not_negative():
         f = torch.randn(10, 1280)
         assert float(sfm_loss(f, f.clone())) >= 0.0
         assert float(sfm_loss(f, -f)) <= 2.0
+
+
+def test_subclass_means_naive_loop():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2] * 4)
+    slots = torch.tensor([0, 0, 0, 1, 1, 1] * 2)
+    z = subclass_means(feats, labels, slots, 3, 2)
+    for c in range(3):
+        for k in range(2):
+            rows = [i for i in range(12) if labels[i] == c and slots[i] == k]
+            torch.testing.assert_close(z[c, k], sum(feats[i] for i in rows) / len(rows))
+    with pytest.raises(ValueError, match=r"\(class, slot\) pairs without any sample"):
+        subclass_means(feats[:3], labels[:3], slots[:3], 3, 2)
+
+
+def _flow_loss(s, target):
+    return sfm_loss(real_flow(s), target)
+
+
+def test_straight_through_ema_value_and_gradient():
+    """Value: the running average computed by hand. Gradient into the current statistic: ∂L/∂s evaluated
+    at the running average (an independent autograd call at a leaf holding that value)."""
+    g = torch.Generator().manual_seed(6)
+    target = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    s1, s2 = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    beta = 0.7
+    first, running = straight_through_ema(s1, None, beta)
+    torch.testing.assert_close(first, s1)
+    torch.testing.assert_close(running, s1)
+    current = s2.clone().requires_grad_(True)
+    smoothed, running = straight_through_ema(current, running, beta)
+    by_hand = beta * s1 + (1 - beta) * s2
+    torch.testing.assert_close(running, by_hand)
+    torch.testing.assert_close(smoothed.detach(), by_hand)
+    assert not running.requires_grad
+    (grad,) = torch.autograd.grad(_flow_loss(smoothed, target), current)
+    leaf = by_hand.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(_flow_loss(leaf, target), leaf)
+    torch.testing.assert_close(grad, expected)
+    # and not the gradient at the current statistic itself (the point of the estimator)
+    at_current = s2.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(_flow_loss(at_current, target), at_current)
+    assert (grad - plain).abs().max() > 1e-3
+
+
+def test_straight_through_ema_beta_zero_is_identity_and_bad_beta_fails():
+    s = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    smoothed, _ = straight_through_ema(s, torch.zeros(3, 2, dtype=torch.float64), 0.0)
+    torch.testing.assert_close(smoothed, s)
+    for beta in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\)"):
+            straight_through_ema(s, None, beta)
+    with pytest.raises(ValueError, match="running average has shape"):
+        straight_through_ema(s, torch.zeros(2, 2), 0.5)
