@@ -4,7 +4,7 @@
   later chapter does not redo the first chapter's pass).
 - :func:`distilled` runs :func:`sfm_lib.distill.sfm`, or returns the result of an identical earlier call.
 - :func:`sweep` distils and probes a set of variants and returns a tidy table; :data:`ABLATIONS` holds the
-  standard ones (augmented views, parameterisation, loss, sub-class targets, IPC).
+  standard ones (augmented views, smoothing, parameterisation, loss, sub-class targets, IPC).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ __all__ = ["Context", "prepare", "distilled", "sweep", "ABLATIONS"]
 
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "augs": {"A=1": {"augs": 1}, "A=2": {"augs": 2}},
+    "ema": {"no smoothing": {"ema": 0.0}, "smoothed, β=0.7": {"ema": 0.7}},
     "init": {"centroid images": {"init": "centroids"}, "random real images": {"init": "real"},
              "noise": {"init": "noise"}},
     "noise": {"no noise": {"noise_p": 0.0}, "noise p=0.5": {"noise_p": 0.5}},
