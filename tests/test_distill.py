@@ -26,6 +26,20 @@ def _run(lite0, stats, **kw):
     return distill.sfm(lite0, stats, **{**base, **kw})
 
 
+def _full_and_interrupted(lite0, stats, tmp_path, **kw):
+    """An uninterrupted run, and the checkpoint of the same run stopped during step 4 (last saved after 2)."""
+    full = _run(lite0, stats, checkpoint=tmp_path / "a.pt", **kw)
+    part = tmp_path / "b.pt"
+
+    def stop(step, loss, images):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(lite0, stats, checkpoint=part, callback=stop, **kw)
+    return full, part
+
+
 def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2, ema=0.0):
     torch.manual_seed(0)
     images = make_images(kind, C * ipc, RES, generator=torch.Generator().manual_seed(1),
@@ -131,15 +145,7 @@ def test_killed_and_resumed_run_ends_with_the_same_images(lite0, toy_stats, tmp_
 def test_resume_needs_the_saved_running_average(lite0, toy_stats, tmp_path, monkeypatch):
     """Guards the test above: forgetting the objective's state on resume changes the result."""
     kw = dict(steps=5, ema=0.7, checkpoint_every=2)
-    full = _run(lite0, toy_stats, checkpoint=tmp_path / "a.pt", **kw)
-    part = tmp_path / "b.pt"
-
-    def stop(step, loss, images):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run(lite0, toy_stats, checkpoint=part, callback=stop, **kw)
+    full, part = _full_and_interrupted(lite0, toy_stats, tmp_path, **kw)
     assert "running" in torch.load(part, weights_only=True)["objective"]
     monkeypatch.setattr(distill.SFMObjective, "load_state_dict", lambda self, state: None)
     forgetful = _run(lite0, toy_stats, checkpoint=part, resume=True, **kw)
@@ -260,15 +266,7 @@ def test_cosine_schedule_values():
 
 def test_cosine_schedule_resumes_exactly(lite0, toy_stats, tmp_path):
     kw = dict(steps=5, schedule="cosine", checkpoint_every=2)
-    full = _run(lite0, toy_stats, checkpoint=tmp_path / "a.pt", **kw)
-    part = tmp_path / "b.pt"
-
-    def stop(step, loss, images):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run(lite0, toy_stats, checkpoint=part, callback=stop, **kw)
+    full, part = _full_and_interrupted(lite0, toy_stats, tmp_path, **kw)
     resumed = _run(lite0, toy_stats, checkpoint=part, resume=True, **kw)
     torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=0)
 
