@@ -60,11 +60,12 @@ class Context:
 
 def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", resolution: int = 64,
             images_per_class: int = 0, device: str = "auto", download: bool = False,
-            kmeans_k: int = 0) -> Context:
+            kmeans_k: int = 0, progress: bool = True) -> Context:
     """Load train/test data, the frozen backbone and its class statistics (computed once, then cached).
 
     ``images_per_class > 0`` keeps only the first N training images of each class (quick runs).
     ``kmeans_k > 0`` adds K k-means centres per class, fitted on the cached features (sub-class targets).
+    ``progress``: show a progress bar while the statistics are computed.
     In Colab ``download`` is switched on (there is internet and no local copy).
     """
     download = download or "google.colab" in sys.modules
@@ -73,7 +74,7 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
     if images_per_class:
         train = data.subset_per_class(train, images_per_class)
     phi = backbones.load(backbone, resolve_device(device))
-    st = stats.cached_extract(phi, train, resolution, cache_features=True)
+    st = stats.cached_extract(phi, train, resolution, cache_features=True, progress=progress)
     if kmeans_k:
         feats, labels = features.compute(phi, train, resolution)
         st = dataclasses.replace(st, centres=stats.class_centres(feats, labels, st.num_classes, kmeans_k),
