@@ -1,7 +1,8 @@
 """Evaluation by linear probing (method.md §6): distilled sets, real-image baselines, cross-backbone tables.
 
 A probe is a linear map (W ∈ R^{C×D}, b ∈ R^C) on frozen features φ(x), started at W ~ N(0, 0.01²), b = 0
-(the released code's head), trained with softmax cross-entropy by Adam at lr = 1e-3·B/256 (B = min(100, N) the batch), the rate decaying as
+(the released code's head), trained with softmax cross-entropy by Adam at lr = 1e-3·B/256 (B = min(100, N)
+the batch), the rate decaying as
 
     lr_t = lr · (1 + cos(π t / T)) / 2,     t = 0 … T−1 the step, T = epochs · ⌈N / B⌉,
 
