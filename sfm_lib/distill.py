@@ -223,17 +223,17 @@ def gradient_agreement(backbone: Backbone, stats: ClassStats, images: torch.Tens
     """
     if draws < max(max(augs), warmup + 1):
         raise ValueError(f"draws={draws} must exceed warmup={warmup} and cover the largest A={max(augs)}")
-    objective = SFMObjective(stats, backbone.device)
+    target = flow.real_flow(stats.means.double()).to(backbone.device)
     labels = labels.to(backbone.device)
     gen = torch.Generator(device=backbone.device).manual_seed(seed)
     x = images.to(backbone.device)
     with torch.no_grad():
         draw = torch.stack([flow.class_means(backbone(backbone.preprocess(augment(x, resolution, gen), resolution)),
-                                             labels, objective.C) for _ in range(draws)]).double()
+                                             labels, stats.num_classes) for _ in range(draws)]).double()
 
     def grad_at(s: torch.Tensor) -> torch.Tensor:
         s = s.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(flow.sfm_loss(flow.real_flow(s), objective.target.double()), s)
+        (g,) = torch.autograd.grad(flow.sfm_loss(flow.real_flow(s), target), s)
         return g.flatten()
 
     reference = grad_at(draw.mean(0))
