@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data, flow
 from .augment import Augment, AugmentParams
 from .backbones import Backbone
 from .images import SyntheticImages, make_images
+from .progress import tqdm
 from .stats import ClassStats
 from .utils import atomic_path, load_tensors, save_tensors
 

@@ -154,7 +154,7 @@ def _train_probes(feats: Tensor, labels: Tensor, num_classes: int, *, epochs: in
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = torch.arange(S, device=dev)[:, None]
     total, step = epochs * math.ceil(N / B), 0
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     with _one_thread(dev):
         for _ in tqdm(range(epochs), desc="probe", unit="epoch", disable=not progress, mininterval=2.0):
