@@ -49,6 +49,30 @@ def test_chapter_structure(name):
     assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
 
 
+@pytest.mark.parametrize("path", sorted(BOOK.glob("*.ipynb")), ids=lambda p: p.name)
+def test_chapter_code_fits_the_column(path):
+    """The rendered page cuts code at the right edge beyond 88 characters (PEP 8's long limit)."""
+    nb = json.loads(path.read_text())
+    long = [f"cell {i}: {line}" for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+            for line in "".join(c["source"]).splitlines() if len(line) > 88]
+    assert not long, "code lines over 88 characters:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("name", sorted(CHAPTERS))
+def test_every_parameter_line_is_read_by_papermill(name):
+    """papermill skips a line it cannot parse (e.g. a comment holding "="): every assignment of the
+    parameters cell must come out as a typed parameter with its comment as help."""
+    import papermill as pm
+
+    nb = json.loads((BOOK / name).read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = [line.split(":")[0] for line in "".join(cell["source"]).splitlines() if line.strip()]
+    declared = pm.inspect_notebook(str(BOOK / name))
+    assert list(declared) == assigned
+    assert all(v["help"] and v["inferred_type_name"] not in ("None", "Unknown type")
+               for v in declared.values())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHAPTERS))
 def test_chapter_runs_with_tiny_parameters(name, tmp_path, session_cache):
