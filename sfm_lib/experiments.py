@@ -137,7 +137,8 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
           views: int = 40, progress: bool = False) -> "pd.DataFrame":
     """Distil every variant (``base`` updated by the variant's keywords) once per distillation seed, probe
     each result with ``probe_seeds``; one row per (variant, distillation seed): ``variant``,
-    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``, ``distill_time_s``."""
+    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``. No timing column: a row may come from the
+    cache, measured in another run under other conditions than the rows beside it."""
     import pandas as pd
 
     rows = []
@@ -149,6 +150,5 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
                                           seeds=probe_seeds, views=views)
             hist = result.meta.get("loss_history") or [float("nan")]
             rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
-                         "top1_std": probe.top1_std, "final_loss": hist[-1],
-                         "distill_time_s": result.meta.get("time_s")})
+                         "top1_std": probe.top1_std, "final_loss": hist[-1]})
     return pd.DataFrame(rows)
