@@ -7,6 +7,7 @@ A page fails when it
   * shows raw TeX in its visible text (``\\[``, ``\\(``, ``\\frac``, ``$$``, ``\\begin{``),
   * has math in its source (Sphinx's ``.math`` elements) that MathJax did not render (``mjx-container``),
   * has an image that does not load (``naturalWidth`` 0),
+  * has a code cell wider than its box (cut at the right edge at the 1280 px window width),
   * holds a traceback, a warning or a stderr stream in a notebook cell's output,
   * logs a JavaScript error, or fails to load one of its resources.
 A screenshot of each page goes to the screenshots folder. Exit status 0: all good; 1: problems (listed);
@@ -23,6 +24,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -82,6 +84,9 @@ PAGE_JS = r"""
     else if (/\b\w*Warning:/.test(text)) why = "warning";
     if (why) outputs.push(why + ": " + text.trim().split("\n")[0].slice(0, 100));
   }
+  const cut = [...document.querySelectorAll(".cell_input pre")]
+    .filter(p => p.scrollWidth > p.clientWidth + 1)
+    .map(p => p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "").slice(0, 60));
   return {
     title: document.title,
     height: Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0),
@@ -89,7 +94,7 @@ PAGE_JS = r"""
     math: math.length, unrendered: unrendered,
     images: imgs.length,
     broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src")),
-    raw_tex: raw, outputs: outputs,
+    raw_tex: raw, outputs: outputs, cut: cut,
   };
 })()
 """
@@ -190,12 +195,16 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+REDIRECT = re.compile(r'<meta[^>]+http-equiv=["\']refresh["\'][^>]+url=([^"\'>]+)', re.I)
+
+
 @dataclass
 class PageReport:
     path: str
     formulas: int = 0
     images: int = 0
     problems: list[str] = field(default_factory=list)
+    redirect: str | None = None  # a page that only forwards (Sphinx's index.html): its target
 
 
 def _log_problems(events: list[dict], session: str) -> list[str]:
@@ -222,6 +231,12 @@ def check_page(browser: Browser, page: Path, root: Path, shots: Path | None) -> 
     """Load ``page`` in a fresh tab and report what a reader would see wrong there."""
     rel = page.relative_to(root).as_posix()
     report = PageReport(rel)
+    forward = REDIRECT.search(page.read_text(errors="replace"))
+    if forward:  # nothing to see there; the target is a page of its own
+        report.redirect = forward.group(1).strip()
+        if not (page.parent / report.redirect.split("#")[0]).is_file():
+            report.problems.append(f"redirects to a missing page: {report.redirect}")
+        return report
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     try:
@@ -245,6 +260,7 @@ def check_page(browser: Browser, page: Path, root: Path, shots: Path | None) -> 
                                    f"(first: {info['unrendered'][0]!r})")
         report.problems += [f"image does not load: {src}" for src in info["broken"]]
         report.problems += [f"cell output with a {o}" for o in info["outputs"]]
+        report.problems += [f"code cut at the right edge: {line!r}" for line in info["cut"]]
         if shots is not None:
             height = max(900, min(int(info["height"]), MAX_HEIGHT))
             shot = browser.send("Page.captureScreenshot", {
@@ -300,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in r.problems:
             print(f"{r.path}: {p}")
     formulas, images = sum(r.formulas for r in reports), sum(r.images for r in reports)
-    print(f"check-book: {len(reports)} pages, {formulas} formulas, {images} images checked in "
+    redirects = sum(r.redirect is not None for r in reports)
+    print(f"check-book: {len(reports) - redirects} pages (+{redirects} redirect), {formulas} formulas, "
+          f"{images} images checked in "
           f"{elapsed:.1f} s ({Path(executable).name}, network off); screenshots in {shots}")
     if failed:
         print(f"check-book: FAILED on {len(failed)} of {len(reports)} pages")

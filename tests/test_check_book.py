@@ -64,6 +64,8 @@ def reports(tmp_path_factory):
         "stderr": _page(output.format(kind="stderr", text="progress 10%")),
         "warning": _page(output.format(kind="stream", text="UserWarning: something is off")),
         "js_error": _page('<script>throw new Error("boom")</script><p>Text.</p>'),
+        "wide_code": _page('<div class="cell_input"><pre style="width: 300px; overflow: auto">'
+                           + "x = 1  # " + "long comment " * 10 + "</pre></div>"),
     }
     mathjax = _mathjax()
     if mathjax is not None:
@@ -105,6 +107,10 @@ def test_a_broken_image_is_caught(reports):
                                         ("warning", "warning")])
 def test_tracebacks_warnings_and_stderr_in_outputs_are_caught(reports, page, kind):
     assert any(p.startswith(f"cell output with a {kind}") for p in reports[0][page].problems)
+
+
+def test_code_wider_than_its_box_is_caught(reports):
+    assert any(p.startswith("code cut at the right edge: 'x = 1") for p in reports[0]["wide_code"].problems)
 
 
 def test_a_javascript_error_is_caught(reports):
