@@ -103,6 +103,7 @@ def test_a_failing_chapter_fails_the_book_build(tmp_path):
     import nbformat
 
     shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
+    shutil.copytree(ROOT / "_ext", tmp_path / "_ext")  # the config's local Sphinx extension
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: broken\n")
     (tmp_path / "intro.md").write_text("# intro\n")
     nb = nbformat.v4.new_notebook()
@@ -112,3 +113,4 @@ def test_a_failing_chapter_fails_the_book_build(tmp_path):
     jb = Path(sys.executable).with_name("jupyter-book")
     run = subprocess.run([str(jb), "build", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode != 0, run.stdout[-2000:]
+    assert "chapter failed" in run.stdout + run.stderr, "the build must fail because of the chapter"
