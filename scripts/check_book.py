@@ -309,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shots = Path(args.screenshots) if args.screenshots else root.parent / "screenshots"
     t0 = time.perf_counter()
-    reports = check_book(root, shots, executable)
+    try:
+        reports = check_book(root, shots, executable)
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"error: the browser check could not run ({executable}): {exc}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - t0
     failed = [r for r in reports if r.problems]
     for r in failed:
