@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .utils import atomic_path
 
 __all__ = ["RESULTS_ENV", "record", "repository_root", "presets", "load_preset", "parse_value", "chapters",
-           "chapter_parameters", "check_keys", "run"]
+           "chapter_parameters", "check_keys", "check_types", "run"]
 
 RESULTS_ENV = "SFM_RESULTS"
 """Folder where :func:`record` writes tables; set by :func:`run` for each chapter's kernel."""
@@ -154,6 +154,28 @@ def check_keys(keys: Iterable[str], declared: Mapping[str, Mapping[str, Any]], s
                          f"with `papermill --help-notebook book/<chapter>.ipynb`")
 
 
+def _fits(value: Any, type_name: str) -> bool | None:
+    """Whether ``value`` fits a papermill ``inferred_type_name`` (None: a type this check does not know)."""
+    scalar = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}
+    name = type_name.replace(" ", "")
+    if name in scalar:
+        return scalar[name](value)
+    if name.startswith("list[") and name.endswith("]") and name[5:-1] in scalar:
+        return isinstance(value, list) and all(scalar[name[5:-1]](v) for v in value)
+    return None
+
+
+def check_types(values: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]], source: str = "") -> None:
+    """Raise ``ValueError`` naming every value whose type differs from the one a chapter declares for it."""
+    wrong = [f"{key} = {value!r} ({chapter} declares {d[key]['inferred_type_name']})"
+             for key, value in values.items() for chapter, d in declared.items()
+             if key in d and _fits(value, d[key]["inferred_type_name"]) is False]
+    if wrong:
+        raise ValueError(f"wrong type{source}: {'; '.join(wrong)}")
+
+
 # ------------------------------------------------------------------------------------------ runner
 def _select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
     if not only:
@@ -224,6 +246,8 @@ def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[st
     declared = chapter_parameters(notebooks)
     check_keys(params, declared, f" in preset {name}")
     check_keys(overrides, declared, " given with -p")
+    check_types(params, declared, f" in preset {name}")
+    check_types(overrides, declared, " given with -p")
     placeholders = sorted(k for k, v in {**params, **overrides}.items() if isinstance(v, str) and "/path/to/" in v)
     if placeholders:
         raise ValueError(f"preset {name} holds placeholder paths ({', '.join(f'{k}: {params[k]}' for k in placeholders)}); "

@@ -79,13 +79,28 @@ def test_the_tiny_preset_is_the_notebook_tests_values():
 def test_unknown_keys_are_refused_before_anything_runs(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("resolution: 32\nlearning_rate: 0.1\nstepz: 3\n")
-    assert cli.main(["repro", str(bad), "--out", str(tmp_path / "out")]) == 2
+    # --chapters 09 (no such chapter) is checked last: were the check missing, nothing would run either
+    assert cli.main(["repro", str(bad), "--out", str(tmp_path / "out"), "--chapters", "09"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown parameters learning_rate, stepz in preset bad")
     assert "papermill --help-notebook" in err and "Traceback" not in err
-    assert cli.main(["repro", "tiny", "--out", str(tmp_path / "out"), "-p", "epochz", "3"]) == 2
+    assert cli.main(["repro", "tiny", "--out", str(tmp_path / "out"), "-p", "epochz", "3", "--chapters", "09"]) == 2
     assert "unknown parameter epochz given with -p" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_values_of_the_wrong_type_are_refused(tmp_path, capsys, declared):
+    # --chapters 09 (no such chapter) is checked last: were the check missing, nothing would run either
+    assert cli.main(["repro", "tiny", "--out", str(tmp_path / "o"), "-p", "steps", "many", "-p", "ablations",
+                     "loss", "-p", "probe_seeds", "[0, 1]", "-p", "ema", "1", "--chapters", "09"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: wrong type given with -p: steps = 'many' (02_flow_matching declares int)")
+    assert "ablations = 'loss' (03_evaluation declares list[str])" in err
+    assert "probe_seeds" not in err and "ema" not in err  # a list of ints; an int where a float is declared
+    repro.check_types({"download": True, "resolution": 64, "noise_p": 0, "eval_backbones": ["a"]}, declared)
+    with pytest.raises(ValueError, match="download = 1"):
+        repro.check_types({"download": 1}, declared)
+    assert not (tmp_path / "o").exists()
 
 
 def test_placeholders_unknown_presets_and_chapters_are_refused(tmp_path, capsys):
