@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a chapter parameter; VALUE is a YAML literal (3, 0.5, [0, 1], cpu)")
     p.add_argument("--chapters", default=None, help="comma-separated chapter prefixes to run, e.g. 01,02")
-    p.add_argument("--timeout", type=int, default=7200, help="seconds per notebook cell")
+    p.add_argument("--timeout", type=int, default=86400, help="seconds per notebook cell (a whole ImageNet "
+                   "distillation can be one cell)")
     p.set_defaults(func=_cmd_repro)
     return parser
 

@@ -227,7 +227,7 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
-        only: Sequence[str] | None = None, timeout: int = 7200, root: str | os.PathLike | None = None,
+        only: Sequence[str] | None = None, timeout: int = 86400, root: str | os.PathLike | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the book's chapters with a preset's parameters (see the module docstring); returns the content
     of ``results.json``.
@@ -248,17 +248,17 @@ def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[st
     check_keys(overrides, declared, " given with -p")
     check_types(params, declared, f" in preset {name}")
     check_types(overrides, declared, " given with -p")
-    placeholders = sorted(k for k, v in {**params, **overrides}.items() if isinstance(v, str) and "/path/to/" in v)
+    merged = {**params, **overrides}
+    placeholders = [f"{k}: {v}" for k, v in merged.items() if isinstance(v, str) and "/path/to/" in v]
     if placeholders:
-        raise ValueError(f"preset {name} holds placeholder paths ({', '.join(f'{k}: {params[k]}' for k in placeholders)}); "
-                         f"give the real ones, e.g. -p dataset imagefolder:/data/imagenet100")
+        raise ValueError(f"preset {name} holds placeholder paths ({', '.join(placeholders)}); give the real "
+                         f"ones, e.g. -p dataset imagefolder:/data/imagenet100")
     selected = _select(notebooks, only)
 
     out = Path(out)
     figures, done = out / "figures", out / "done"
     for folder in (out, figures, done):
         folder.mkdir(parents=True, exist_ok=True)
-    merged = {**params, **overrides}
     results: dict[str, Any] = {"preset": name, "preset_parameters": params, "overrides": overrides, "chapters": {}}
     previous = os.environ.get(RESULTS_ENV)
     try:
