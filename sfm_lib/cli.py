@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of PRESET (repro/PRESET.yaml or a YAML file) that are its parameters, then "
                                    "the -p overrides. Writes the executed notebooks, results.json (every recorded "
                                    "table) and figures/ to --out; a second run skips finished chapters.")
-    p.add_argument("preset", help="preset name (a file repro/NAME.yaml of the checkout) or a YAML file path")
+    p.add_argument("preset", metavar="PRESET", help="preset name (repro/PRESET.yaml of the checkout) or a YAML file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a chapter parameter; VALUE is a YAML literal (3, 0.5, [0, 1], cpu)")
