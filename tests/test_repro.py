@@ -204,3 +204,22 @@ def test_a_killed_run_resumes_and_finishes_end_to_end(tmp_path, session_cache):
     assert changed.returncode == 0 and "parameters changed since the finished run" in changed.stdout
     assert json.loads((out / "results.json").read_text())["chapters"]["01_statistics"]["tables"][
         "class_statistics"][0]["images"] == 10
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu-default", "in1k-eva02-ipc10"])
+def test_plain_papermill_injects_a_preset_into_every_chapter(preset):
+    """What `papermill CHAPTER out.ipynb -f repro/PRESET.yaml` does before running: every key becomes a
+    Python assignment of the YAML value (keys a chapter does not declare are then unused variables)."""
+    import ast
+
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    _, params = repro.load_preset(preset, ROOT)
+    for notebook in repro.chapters(ROOT):
+        nb = parameterize_notebook(load_notebook_node(str(notebook)), params)
+        (injected,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assigned = {}
+        for node in ast.parse(injected.source).body:
+            assigned[node.targets[0].id] = ast.literal_eval(node.value)
+        assert assigned == params, notebook.name
