@@ -136,6 +136,16 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     _json_out(a.json, row)
 
 
+# ------------------------------------------------------------------------------------------------ repro
+def _cmd_repro(a: argparse.Namespace) -> None:
+    from . import repro
+
+    overrides = {key: repro.parse_value(value) for key, value in a.param or []}
+    only = [c.strip() for c in a.chapters.split(",") if c.strip()] if a.chapters else None
+    results = repro.run(a.preset, a.out, overrides, only=only, timeout=a.timeout)
+    print(f"wrote {a.out}: {len(results['chapters'])} finished chapters, results.json, figures/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfm_lib",
                                      description="Dataset distillation for frozen backbones by statistical flow matching.")
@@ -230,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the result row as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("repro", help="run the book's chapters with a preset of parameters (papermill)",
+                       description="Execute the chapters of _toc.yml in order with papermill, each with the keys "
+                                   "of PRESET (repro/PRESET.yaml or a YAML file) that are its parameters, then "
+                                   "the -p overrides. Writes the executed notebooks, results.json (every recorded "
+                                   "table) and figures/ to --out; a second run skips finished chapters.")
+    p.add_argument("preset", metavar="PRESET", help="preset name (repro/PRESET.yaml of the checkout) or a YAML file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="override a chapter parameter; VALUE is a YAML literal (3, 0.5, [0, 1], cpu)")
+    p.add_argument("--chapters", default=None, help="comma-separated chapter prefixes to run, e.g. 01,02")
+    p.add_argument("--timeout", type=int, default=86400, help="seconds per notebook cell (a whole ImageNet "
+                   "distillation can be one cell)")
+    p.set_defaults(func=_cmd_repro)
     return parser
 
 
