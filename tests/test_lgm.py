@@ -201,3 +201,19 @@ def test_cli_distill_lgm(tmp_path, capsys, tiny_fmnist_dir, monkeypatch):
     assert "--dataset" in capsys.readouterr().err
     assert main(["distill", "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
     assert "--stats" in capsys.readouterr().err
+
+
+def test_experiments_distilled_caches_lgm_runs_apart_from_sfm(session_cache, monkeypatch):
+    from sfm_lib import experiments
+
+    ctx = experiments.prepare("fashion_mnist", "effnet_lite0", 32, images_per_class=6, device="cpu")
+    first = experiments.distilled(ctx, method="lgm", steps=1, augs=1, seed=4)
+    assert first.meta["method"] == "lgm"
+    calls = []
+    monkeypatch.setattr(distill, "lgm", lambda *a, **k: calls.append(k) or first)
+    again = experiments.distilled(ctx, method="lgm", steps=1, augs=1, seed=4)
+    assert not calls and torch.equal(again.images, first.images)
+    sfm = experiments.distilled(ctx, steps=1, augs=1, seed=4)
+    assert sfm.meta["method"] == "sfm" and not torch.equal(sfm.images, first.images)
+    with pytest.raises(ValueError, match="method"):
+        experiments.distilled(ctx, method="dm")
