@@ -331,11 +331,15 @@ def test_objectives_read_nothing_back_to_the_host(lite0, toy_stats, monkeypatch)
     labels = torch.arange(C).repeat(2)
     for kw in ({}, {"ema": 0.5}, {"subclass": True, "ipc": 1}):
         obj = distill.SFMObjective(toy_stats, lite0.device, **kw)
+        obj.layout = ViewLayout(2, C, 1)
         monkeypatch.setattr(torch.Tensor, "item", forbidden)
         monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
-        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
+        obj(z, labels, labels * 0)
+        obj(z, labels, labels * 0)
         monkeypatch.undo()
+    with pytest.raises(AssertionError, match="host sync"):  # guard: the general path does read back
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        distill.SFMObjective(toy_stats, lite0.device)(z, labels, labels * 0)
 
 
 def test_resume_names_every_difference(lite0, toy_stats, tmp_path):
