@@ -151,7 +151,8 @@ def head_gradient(z: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
 
         ∂CE/∂W = (P − Y)ᵀ Z / N,   ∂CE/∂b = (P − Y)ᵀ 1 / N,   P = softmax(Z Wᵀ + b), Y one-hot
 
-    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z`` (LGM's synthetic side)."""
+    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z``
+    (LGM's synthetic side)."""
     dtype = torch.promote_types(torch.promote_types(z.dtype, weight.dtype), torch.float32)
     w = weight.detach().to(dtype).requires_grad_(True)
     b = bias.detach().to(dtype).requires_grad_(True)
