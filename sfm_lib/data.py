@@ -75,9 +75,9 @@ class TensorImageDataset(Dataset):
 class BadImageError(ValueError):
     """A file in an image folder that cannot be decoded (the message names the file and the cause)."""
 
-    def __init__(self, path: Path | str, cause: str):
-        self.path, self.cause = str(path), cause
-        super().__init__(f"{path}: unreadable image ({cause})")
+    def __init__(self, path: Path | str, cause: str, hint: str = ""):
+        self.path, self.cause, self.hint = str(path), cause, hint
+        super().__init__(f"{path}: unreadable image ({cause})" + (f"; {hint}" if hint else ""))
 
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -133,7 +133,9 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as im:
                 arr = _to_rgb(im)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-            cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+            text = str(err).splitlines()[0] if str(err) else ""
+            text = text.replace(f" '{path}'", "").replace(str(path), "").strip(" :")
+            cause = f"{type(err).__name__}: {text}" if text else type(err).__name__
             raise BadImageError(path, cause) from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

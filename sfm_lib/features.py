@@ -124,7 +124,7 @@ def stream(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: in
         for images, labels, consumed, bad in _batches(dataset, resolution, batch_size, num_workers, dev, start):
             if bad and not skip_bad:
                 path, cause = bad[0]
-                raise BadImageError(path, cause)
+                raise BadImageError(path, cause, "pass skip_bad=True (--skip-bad) to skip unreadable files")
             if len(labels):
                 x = images.to(dev, non_blocking=True)
                 x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

@@ -175,11 +175,13 @@ _RESUME_KEYS = ("dataset", "split", "backbone", "pretrained", "resolution", "bat
                 "kmeans_sample", "seed", "feature_dim", "num_classes")
 
 
-def _class_sums(labels: torch.Tensor, feats: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Σ_{i: y_i = c} f_i in float64 as a one-hot matrix product: deterministic on CUDA (no atomic adds),
-    so a resumed pass equals an uninterrupted one bit for bit there too."""
-    onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)
-    return onehot.T @ feats.double()
+def _class_sums(labels: torch.Tensor, feats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{i: y_i = c} f_i in float64 [C, D], n_c [C]) of one batch through a one-hot matrix product:
+    deterministic on CUDA (no atomic adds), so a resumed pass equals an uninterrupted one bit for bit
+    there too, and free of host synchronisation (unlike ``bincount`` or ``one_hot`` on CUDA)."""
+    onehot = torch.zeros(len(labels), num_classes, dtype=torch.float64, device=feats.device)
+    onehot.scatter_(1, labels[:, None], 1.0)
+    return onehot.T @ feats.double(), onehot.sum(0).long()
 
 
 def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,
@@ -273,8 +275,9 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
                                          start=position, skip_bad=skip_bad):
             feats, labels = batch.features, batch.labels
             if len(labels):
-                sums += _class_sums(labels, feats, C)
-                counts += torch.bincount(labels, minlength=C)
+                batch_sums, batch_counts = _class_sums(labels, feats, C)
+                sums += batch_sums
+                counts += batch_counts
                 if reservoir is not None:
                     reservoir.add(feats, labels)
                 if table is not None:
@@ -287,12 +290,13 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
                 save_checkpoint()
     except data_mod.BadImageError as err:
         if ckpt is None:
-            raise data_mod.BadImageError(err.path, f"{err.cause}; pass skip_bad=True (--skip-bad) to skip "
-                                                   f"unreadable files") from None
+            raise data_mod.BadImageError(err.path, err.cause, "pass skip_bad=True (--skip-bad) to skip "
+                                                              "unreadable files") from None
         save_checkpoint()
-        raise data_mod.BadImageError(err.path, f"{err.cause}; the {position} images before its batch are saved "
-                                               f"in {ckpt}: run again with --resume --skip-bad to skip such "
-                                               f"files, or remove it and run again with --resume") from None
+        raise data_mod.BadImageError(err.path, err.cause, f"the pass over the first {position} images is saved in "
+                                                          f"{ckpt}: run again with --resume --skip-bad to skip such "
+                                                          f"files, or remove this one and run again with --resume"
+                                     ) from None
     finally:
         bar.close()
     if ckpt is not None:
