@@ -6,10 +6,12 @@ under ``torch.inference_mode``; the caller consumes the features batch by batch.
 
 - In-memory datasets (Fashion-MNIST, CIFAR, or subsets of them): uint8 slices, resized per batch on the
   device.
-- Image folders (mixed sizes): the DataLoader workers decode each file to uint8, take its centre square
-  and resize it to the backbone resolution (bilinear, antialiased, as :func:`backbones.square_resize`),
-  then round to uint8 so images of any size can be batched. Compared with resizing in float, this adds
-  one rounding to 8 bits (at most 0.5/255 per pixel); a square crop already at the resolution is exact.
+- Image folders (mixed sizes): the DataLoader workers decode each file to uint8 and take its centre
+  square (exact in uint8). On CUDA these crops are copied as uint8 and resized on the device, one
+  batched resize per distinct crop size; on the CPU the workers resize them (in parallel). Both do what
+  :func:`backbones.square_resize` does on the float image, so the features are those of the float path.
+  (Rounding the resized image to uint8 in the workers instead would change Lite0 features at 32 px by up
+  to 6 %: the backbone is that sensitive to ±0.5/255 per pixel.)
 - Any other dataset of float images: a DataLoader with a per-image crop and resize in float.
 
 Files that cannot be decoded stop the pass with :class:`sfm_lib.data.BadImageError` (one line naming the
@@ -29,6 +31,9 @@ from .data import BadImageError, ImageFolderDataset, TensorImageDataset
 from .utils import cache_dir, load_tensors, save_tensors
 
 __all__ = ["iterate", "stream", "Batch", "FeatureTable", "compute", "store", "cache_path", "dataset_key", "default_workers"]
+
+
+_RESIZE_ON_DEVICE: bool | None = None  # image folders: None = on CUDA only (tests set it to cover both)
 
 
 class Batch(NamedTuple):
@@ -51,10 +56,13 @@ def _folder_of(dataset: Dataset) -> tuple[ImageFolderDataset, list[int] | None] 
 
 
 class _DecodeFolder(Dataset):
-    """Items ``start..`` of an image folder as (uint8 ``[3, r, r]`` or None, label, bad-file note or None)."""
+    """Items ``start..`` of an image folder as (image, label, bad-file note or None): the image is the
+    uint8 centre square ``[3, s, s]``, or, with ``resize``, that square resized to ``[3, r, r]`` float."""
 
-    def __init__(self, folder: ImageFolderDataset, indices: list[int] | None, start: int, resolution: int):
+    def __init__(self, folder: ImageFolderDataset, indices: list[int] | None, start: int, resolution: int,
+                 resize: bool):
         self.folder, self.indices, self.start, self.resolution = folder, indices, start, resolution
+        self.resize = resize
         self.n = (len(folder) if indices is None else len(indices)) - start
 
     def __len__(self) -> int:
@@ -71,22 +79,37 @@ class _DecodeFolder(Dataset):
         h, w = img.shape[-2:]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        img = img[:, top:top + side, left:left + side]
-        if side != self.resolution:
-            img = square_resize(img.float() / 255.0, self.resolution).mul_(255.0).round_().clamp_(0, 255)
-            img = img.to(torch.uint8)
-        return img.contiguous(), label, None
+        img = img[:, top:top + side, left:left + side].contiguous()
+        if self.resize:
+            img = square_resize(img.float() / 255.0, self.resolution)
+        return img, label, None
 
 
 def _collate_folder(items):
+    """(images: one tensor if all have one size, else a list; labels [B]; items consumed; bad files)."""
     good = [(img, y) for img, y, bad in items if bad is None]
     bad = [b for _, _, b in items if b is not None]
-    if good:
-        images = torch.stack([img for img, _ in good])
-        labels = torch.tensor([y for _, y in good], dtype=torch.long)
-    else:
-        images, labels = torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return images, labels, len(items), bad
+    images = [img for img, _ in good]
+    if images and all(img.shape == images[0].shape for img in images):
+        images = torch.stack(images)
+    return images, torch.tensor([y for _, y in good], dtype=torch.long), len(items), bad
+
+
+def _to_device(images: torch.Tensor | list[torch.Tensor], resolution: int, device: torch.device) -> torch.Tensor:
+    """A batch onto ``device`` as float [B, 3, H, W] in [0, 1] (non-blocking copies). A list of uint8
+    squares of several sizes is resized there, one batched resize per size (bitwise as one by one)."""
+    if isinstance(images, torch.Tensor):
+        x = images.to(device, non_blocking=True)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    out = torch.empty(len(images), 3, resolution, resolution, device=device)
+    by_side: dict[int, list[int]] = {}
+    for k, img in enumerate(images):
+        by_side.setdefault(img.shape[-1], []).append(k)
+    for ks in by_side.values():
+        x = torch.stack([images[k].to(device, non_blocking=True) for k in ks]).float().div_(255.0)
+        out[torch.tensor(ks, device=device)] = square_resize(x, resolution)
+    return out
 
 
 class _SquareResize(Dataset):
@@ -126,11 +149,7 @@ def stream(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: in
                 path, cause = bad[0]
                 raise BadImageError(path, cause, "pass skip_bad=True (--skip-bad) to skip unreadable files")
             if len(labels):
-                x = images.to(dev, non_blocking=True)
-                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-                if x.shape[1] == 1:
-                    x = x.expand(-1, 3, -1, -1)
-                feats = backbone.features(x, resolution)
+                feats = backbone.features(_to_device(images, resolution, dev), resolution)
             else:
                 feats = torch.empty(0, backbone.feature_dim, device=dev)
             yield Batch(feats, labels.to(dev, non_blocking=True), consumed, [p for p, _ in bad])
@@ -174,7 +193,8 @@ def _batches(dataset: Dataset, resolution: int, batch_size: int, num_workers: in
     pin = device.type == "cuda"
     folder = _folder_of(dataset)
     if folder is not None:
-        source = _DecodeFolder(folder[0], folder[1], start, resolution)
+        on_device = device.type == "cuda" if _RESIZE_ON_DEVICE is None else _RESIZE_ON_DEVICE
+        source = _DecodeFolder(folder[0], folder[1], start, resolution, resize=not on_device)
         yield from DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
                               pin_memory=pin, collate_fn=_collate_folder)
         return
