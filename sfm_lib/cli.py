@@ -128,10 +128,14 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     bb = backbones.load(a.backbone, a.device, pretrained=not a.random_weights)
     if a.what == "stats":
         ds = data.load(a.dataset, "train", root=a.data_root, download=a.download)
-        row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size)
+        row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size,
+                                     checkpoint_every=a.checkpoint_every)
         print(f"statistics pass {row['extract_img_s']} img/s, forward only {row['forward_img_s']} img/s: "
               f"ratio {row['ratio']:.2f} ({row['backbone']} at {row['resolution']} px, batch {row['batch_size']}, "
               f"{row['device']}, {row['threads']} threads)")
+        if a.checkpoint_every:
+            print(f"with a checkpoint every {a.checkpoint_every} batches {row['checkpoint_img_s']} img/s: "
+                  f"ratio {row['checkpoint_ratio']:.3f} to the pass without")
     else:
         row = bench.step_cost(bb, num_classes=a.classes, ipc=a.ipc, resolution=a.resolution, crop=a.crop,
                               augs=a.augs, two_pass=a.two_pass, chunk_size=a.chunk_size, param=a.param,
@@ -236,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="random backbone weights (cost only)")
     p.add_argument("--images", type=int, default=4096, help="stats: images to stream")
     p.add_argument("--batch-size", type=int, default=256, help="stats: batch size")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="stats: also time the pass with a "
+                   "checkpoint every N batches (0: not)")
     p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")
