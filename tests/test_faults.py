@@ -15,6 +15,7 @@ import torch
 
 from sfm_lib.distill import DistilledSet
 from sfm_lib.stats import ClassStats
+from sfm_lib.utils import load_tensors
 
 RES = 32
 
@@ -115,3 +116,77 @@ def test_killed_distillation_resumes_exactly(tmp_path, full_stats, rng):
     a, b = DistilledSet.load(full), DistilledSet.load(part)
     assert torch.equal(a.images, b.images), what
     assert a.meta["loss_history"] == b.meta["loss_history"], what
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.usefixtures("single_thread")
+def test_cli_bad_image_file_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from sfm_lib.cli import main
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "imgs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    bad = tmp_path / "imgs" / "train" / "b" / "2.png"
+    bad.write_text("not an image")
+    out = tmp_path / "s.safetensors"
+    args = ["stats", "--dataset", f"imagefolder:{tmp_path / 'imgs'}", "--resolution", str(RES), "--device", "cpu",
+            "--batch-size", "2", "--workers", "0", "--quiet", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {bad}: unreadable image (UnidentifiedImageError")
+    assert "--resume --skip-bad" in err and "Traceback" not in err
+    ckpt = Path(str(out) + ".ckpt")
+    _, meta = load_tensors(ckpt)
+    assert meta["position"] == 6  # the three batches before the bad file's are kept
+    assert main([*args, "--resume", "--skip-bad"]) == 0
+    st = ClassStats.load(out)
+    assert st.meta["skipped"] == [str(bad)] and st.meta["num_skipped"] == 1 and st.counts.tolist() == [5, 4]
+    assert not ckpt.exists()
+    # The same numbers as a pass over the folder without the file (other batches: float32 rounding).
+    bad.unlink()
+    clean = tmp_path / "clean.safetensors"
+    assert main([*args[:-1], str(clean)]) == 0
+    torch.testing.assert_close(ClassStats.load(clean).means, st.means, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_mismatched_distilled_set_is_refused(tmp_path, capsys, tiny_fmnist_dir, monkeypatch, lite0):
+    from sfm_lib import data, evaluate
+    from sfm_lib.cli import main
+
+    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))
+    digits = DistilledSet(torch.rand(10, 3, RES, RES), torch.arange(10), [str(i) for i in range(10)],
+                          {"backbone": "effnet_lite0", "method": "sfm", "dataset": "mnist"})
+    path = tmp_path / "digits.safetensors"
+    digits.save(path)
+    ev = ["eval", "--distilled", str(path), "--dataset", "fashion_mnist", "--resolution", str(RES), "--device",
+          "cpu", "--seeds", "1", "--epochs", "2", "--views", "1"]
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert "distilled from 'mnist'" in err and "'fashion_mnist'" in err and "'0' vs 'T-shirt/top'" in err
+    assert "--allow-class-mismatch" in err and err.count("\n") == 1
+    nb = ["baselines", "--kind", "neighbors", "--distilled", str(path), "--resolution", str(RES), "--device", "cpu",
+          "--seeds", "1", "--epochs", "2", "--views", "1"]
+    assert main(nb) == 2
+    assert "distilled from 'mnist'" in capsys.readouterr().err
+    assert main([*ev, "--allow-class-mismatch"]) == 0  # a deliberate transfer runs
+    # The library entry points, and the recorded dataset alone (same class names) is enough to refuse.
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    same_names = DistilledSet(digits.images, digits.labels, list(test.classes), {"dataset": "mnist"})
+    for fn in (lambda d, **kw: evaluate.linear_probe(lite0, d, test, RES, seeds=(0,), epochs=1, views=1, **kw),
+               lambda d, **kw: evaluate.neighbor_subset(lite0, train, d, RES, **kw),
+               lambda d, **kw: evaluate.baseline("neighbors", lite0, train, test, RES, seeds=(0,), distilled=d,
+                                                 epochs=1, views=1, **kw)):
+        for d in (digits, same_names):
+            with pytest.raises(ValueError, match="does not belong to this dataset"):
+                fn(d)
+    fine = DistilledSet(digits.images, digits.labels, list(test.classes), {"dataset": "fashion_mnist"})
+    assert len(evaluate.neighbor_subset(lite0, train, fine, RES)) == 10
+    assert len(evaluate.neighbor_subset(lite0, train, digits, RES, allow_class_mismatch=True)) == 10
