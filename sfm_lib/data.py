@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from .utils import cache_dir
 
 __all__ = ["load", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset", "subset_per_class",
-           "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
+           "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -165,25 +165,49 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
     return subset(dataset, torch.cat(picks).sort().values.tolist())
 
 
-def fingerprint(dataset: Dataset, n: int | None = None) -> str:
-    """A SHA-256 of what identifies the first ``n`` items (default all) of ``dataset``, in order: for an
-    image folder the relative file paths and labels, for other datasets the labels (and subset indices).
+class Fingerprint:
+    """A SHA-256 of what identifies the first ``n`` items of a dataset, in order, grown item range by item
+    range (``advance``) so that a long pass pays for each item once: for an image folder the relative file
+    paths, for every dataset the labels (and a subset's indices). The digest does not depend on how the
+    range was split into calls.
 
     Stored in statistics checkpoints, so a resumed pass refuses data whose items before the checkpoint
     changed, while files after it may be removed (e.g. an unreadable one).
     """
-    n = len(dataset) if n is None else n
-    h = hashlib.sha256()
-    h.update(f"{getattr(dataset, 'name', type(dataset).__name__)}|{getattr(dataset, 'split', None)}|{n}|".encode())
-    base, idx = dataset, None
-    if isinstance(dataset, torch.utils.data.Subset):
-        base, idx = dataset.dataset, torch.as_tensor(dataset.indices[:n], dtype=torch.long)
-        h.update(idx.numpy().tobytes())
-    if isinstance(base, ImageFolderDataset):
-        order = range(n) if idx is None else idx.tolist()
-        h.update("\n".join(str(base.files[i].relative_to(base.root)) for i in order).encode())
-    h.update(dataset.targets[:n].numpy().tobytes())
-    return h.hexdigest()
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.n = dataset, 0
+        self._parts = {k: hashlib.sha256() for k in ("paths", "labels", "indices")}
+        base, self._idx = dataset, None
+        if isinstance(dataset, torch.utils.data.Subset):
+            base, self._idx = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+        self._folder = base if isinstance(base, ImageFolderDataset) else None
+
+    def advance(self, stop: int) -> "Fingerprint":
+        """Take in items ``n .. stop−1``."""
+        lo, hi = self.n, stop
+        if hi <= lo:
+            return self
+        self._parts["labels"].update(torch.as_tensor(self.dataset.targets[lo:hi]).long().numpy().tobytes())
+        order = range(lo, hi)
+        if self._idx is not None:
+            self._parts["indices"].update(self._idx[lo:hi].numpy().tobytes())
+            order = self._idx[lo:hi].tolist()
+        if self._folder is not None:
+            cut = len(str(self._folder.root)) + 1
+            self._parts["paths"].update("".join(str(self._folder.files[i])[cut:] + "\n" for i in order).encode())
+        self.n = hi
+        return self
+
+    def hexdigest(self) -> str:
+        name = getattr(self.dataset, "name", type(self.dataset).__name__)
+        head = f"{name}|{getattr(self.dataset, 'split', None)}|{self.n}|"
+        return hashlib.sha256((head + "|".join(h.hexdigest() for h in self._parts.values())).encode()).hexdigest()
+
+
+def fingerprint(dataset: Dataset, n: int | None = None) -> str:
+    """:class:`Fingerprint` of the first ``n`` items of ``dataset`` (default: all)."""
+    return Fingerprint(dataset).advance(len(dataset) if n is None else n).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- idx files

@@ -229,6 +229,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
               "kmeans_sample": kmeans_sample if kmeans_k else None, "seed": seed if kmeans_k else None,
               "feature_dim": D, "num_classes": C}
     position, skipped = 0, []
+    prefix = data_mod.Fingerprint(dataset)  # of the items before ``position``
 
     ckpt = Path(checkpoint) if checkpoint else None
     if resume and ckpt is None:
@@ -243,7 +244,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
             raise ValueError(f"checkpoint {ckpt} belongs to another statistics pass ({named}); run with the "
                              f"checkpoint's settings, or delete it to start over")
         position, skipped = int(saved["position"]), list(saved["skipped"])
-        if position > len(dataset) or data_mod.fingerprint(dataset, position) != saved["fingerprint"]:
+        if position > len(dataset) or prefix.advance(position).hexdigest() != saved["fingerprint"]:
             raise ValueError(f"checkpoint {ckpt}: the first {position} items of {dataset.name} are not those "
                              f"the checkpoint has seen (files were added, renamed or removed before that "
                              f"point); delete it to start over")
@@ -264,7 +265,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
         if reservoir is not None:
             tensors.update(reservoir.state_dict())
         meta = {**config, "position": position, "skipped": skipped,
-                "fingerprint": data_mod.fingerprint(dataset, position)}
+                "fingerprint": prefix.advance(position).hexdigest()}
         save_tensors(ckpt, tensors, meta)
 
     batches = 0

@@ -424,6 +424,9 @@ def test_fingerprint_covers_the_items_before_a_position(odd_folder):
     last = names.index("rgb.png")  # class a is listed first: cmyk, grey, rgb, rgba, then class b
     before = data.fingerprint(ds, last + 1)
     assert before != data.fingerprint(ds, last) and data.fingerprint(ds) == data.fingerprint(ds, len(ds))
+    assert data.Fingerprint(ds).advance(1).advance(last + 1).hexdigest() == before  # grown in steps: the same
+    sub = data.subset(ds, [0, 2, 1])
+    assert data.fingerprint(sub, 2) != data.fingerprint(data.subset(ds, [0, 1, 2]), 2)
     (root / "train" / "b" / "bad.png").unlink()  # a file after the position: the prefix is unchanged
     assert data.fingerprint(data.load(f"imagefolder:{root}", "train"), last + 1) == before
     (root / "train" / "a" / "grey.png").unlink()  # a file before it: changed
