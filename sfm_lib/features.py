@@ -141,7 +141,9 @@ def stream(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: in
     An unreadable file raises :class:`BadImageError` before any feature of its batch is computed, unless
     ``skip_bad`` (default: the dataset's own ``skip_bad`` attribute, else False).
     """
-    skip_bad = bool(getattr(dataset, "skip_bad", False)) if skip_bad is None else skip_bad
+    if skip_bad is None:
+        owner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+        skip_bad = bool(getattr(owner, "skip_bad", False))
     dev = backbone.device
     with torch.inference_mode():
         for images, labels, consumed, bad in _batches(dataset, resolution, batch_size, num_workers, dev, start):

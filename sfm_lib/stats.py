@@ -4,8 +4,9 @@ One streaming pass of the frozen backbone φ over the training set gives, for ev
 
     μ_c = (1 / n_c) Σ_{i : y_i = c} φ(x_i)        (accumulated in float64)
 
-and the counts n_c. Optionally, per-class k-means centres (``kmeans=K``) on a bounded reservoir sample
-of each class's features: sub-class targets for IPC > 1. The result is tiny (C×D numbers) and is saved
+and the counts n_c. Optionally, per-class k-means centres (``kmeans=K``) on a bounded uniform sample
+of each class's features (:class:`Reservoir`): sub-class targets for IPC > 1. Memory does not grow with
+the number of images. A long pass checkpoints its float64 sums, counts and position and resumes exactly. The result is tiny (C×D numbers) and is saved
 as safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
 """
 from __future__ import annotations
