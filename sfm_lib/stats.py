@@ -6,8 +6,9 @@ One streaming pass of the frozen backbone φ over the training set gives, for ev
 
 and the counts n_c. Optionally, per-class k-means centres (``kmeans=K``) on a bounded uniform sample
 of each class's features (:class:`Reservoir`): sub-class targets for IPC > 1. Memory does not grow with
-the number of images. A long pass checkpoints its float64 sums, counts and position and resumes exactly. The result is tiny (C×D numbers) and is saved
-as safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
+the number of images (except the optional feature cache, one float16 table). A long pass checkpoints its
+float64 sums, counts and position and resumes exactly. The result is tiny (C×D numbers) and is saved as
+safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
 """
 from __future__ import annotations
 
