@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -19,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from . import backbones, data, distill, evaluate, features, stats
+from . import backbones, cache, data, distill, evaluate, features, stats
 from .augment import Augment
-from .utils import cache_dir, resolve_device
+from .utils import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -82,14 +80,6 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
     return Context(train, test, phi, st, resolution)
 
 
-def _describe(value: Any) -> Any:
-    if isinstance(value, Dataset):
-        return features.dataset_key(value) or f"{value.name}-subset-{len(value)}"
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    return value
-
-
 _SFM_SIGNATURE = inspect.signature(distill.sfm)
 
 
@@ -114,20 +104,16 @@ def distilled(ctx: Context, *, crop_scale: float | None = None, noise_p: float |
     # the key holds every argument of sfm() with its default filled in, so equal runs share one file
     bound = _SFM_SIGNATURE.bind_partial(ctx.backbone, ctx.stats, **kwargs)
     bound.apply_defaults()
-    described = {k: _describe(v) for k, v in bound.arguments.items()
-                 if k not in ("backbone", "stats", "callback", "progress")}
-    tensors = [ctx.stats.means] + ([ctx.stats.centres] if kwargs.get("subclass") else [])
-    fingerprint = hashlib.sha1(b"".join(t.double().numpy().tobytes() for t in tensors)).hexdigest()
-    blob = json.dumps({"args": described, "stats": fingerprint, "backbone": ctx.backbone.name}, sort_keys=True,
-                      default=str)
-    path = cache_dir() / "distilled" / f"sfm-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.safetensors"
+    args = {k: v for k, v in bound.arguments.items() if k not in ("backbone", "stats", "callback", "progress")}
+    init_name = "images" if isinstance(args["init"], torch.Tensor) else args["init"]
+    path = cache.entry("distilled", "sfm", backbone=ctx.backbone, stats=ctx.stats, args=args)
     if path.is_file() and kwargs.get("callback") is None:
         return distill.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
         kwargs["init"] = torch.stack([img for img, _ in nearest])
     result = distill.sfm(ctx.backbone, ctx.stats, **kwargs)
-    result.meta["init"] = described.get("init", "noise")
+    result.meta["init"] = init_name
     result.save(path)
     return result
 

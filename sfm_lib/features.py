@@ -14,9 +14,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import cache
 from .backbones import Backbone, square_resize
 from .data import TensorImageDataset
-from .utils import cache_dir, load_tensors, save_tensors
+from .utils import load_tensors, save_tensors
 
 __all__ = ["iterate", "compute", "store", "cache_path", "dataset_key", "default_workers"]
 
@@ -84,9 +85,13 @@ def dataset_key(dataset: Dataset) -> str | None:
 
 
 def cache_path(backbone: Backbone, dataset: Dataset, resolution: int) -> Path | None:
-    """Where the features of a whole dataset split are cached, or None for subsets (not cached)."""
+    """Where the features of a whole dataset split are cached (key: :mod:`sfm_lib.cache`), or None for
+    subsets (not cached)."""
     key = dataset_key(dataset)
-    return None if key is None else cache_dir() / "features" / f"{key}-{backbone.name}-{resolution}.safetensors"
+    if key is None:
+        return None
+    return cache.entry("features", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
+                       resolution=resolution)
 
 
 def compute(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,
