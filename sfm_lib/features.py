@@ -104,12 +104,15 @@ def compute(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
         return tensors["features"].float(), tensors["labels"]
     feats, labels = [], []
     for f, y in iterate(backbone, dataset, resolution, batch_size, num_workers, progress):
-        feats.append(f.cpu())
+        # Round through float16 whatever happens, so a cache hit and a miss give identical numbers; batch
+        # by batch, so that the only full-size copies are one float16 and the float32 result.
+        feats.append(f.half().cpu())
         labels.append(y.cpu())
-    # Round through float16 whatever happens, so a cache hit and a miss give identical numbers.
-    out = torch.cat(feats).half().float(), torch.cat(labels)
+    half = torch.cat(feats)
+    del feats
+    out = half.float(), torch.cat(labels)
     if path is not None:
-        store(path, *out, backbone=backbone.name, resolution=resolution)
+        store(path, half, out[1], backbone=backbone.name, resolution=resolution)
     return out
 
 
