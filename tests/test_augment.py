@@ -146,6 +146,25 @@ def test_hash32_equals_uint32_reference():
     assert hash32(x[:7]).tolist() == got[:7].tolist()  # no hidden state
 
 
+def test_noise_equals_independent_numpy_computation():
+    """The module doc's recipe, in numpy uint32 / float64: keys, per-pair hash, 16-bit uniforms, Box–Muller."""
+    import numpy as np
+
+    seeds = torch.tensor([0, 1, 2**62 - 1, 123456789012345], dtype=torch.int64)
+    shape = (3, 5, 3)  # 45 pixels: 23 pairs, the last one cut
+    s = seeds.numpy().astype(np.uint64)
+    keys = _lowbias32_reference(_lowbias32_reference(s & np.uint64(0xFFFFFFFF)) ^ (s >> np.uint64(32)).astype(np.int64))
+    base = _lowbias32_reference(np.arange(23))
+    h = _lowbias32_reference(base[None, :] ^ keys[:, None])
+    u = ((h >> 16) + 0.5) / 65536.0
+    v = ((h & 0xFFFF) + 0.5) / 65536.0
+    r = np.sqrt(-2.0 * np.log(u))
+    ref = np.stack([r * np.cos(2 * np.pi * v), r * np.sin(2 * np.pi * v)], -1).reshape(4, 46)[:, :45]
+    got = gaussian_noise(seeds, shape)
+    assert got.shape == (4, 3, 5, 3)
+    np.testing.assert_allclose(got.reshape(4, 45).double().numpy(), ref, rtol=0, atol=2e-5)
+
+
 def test_noise_rows_depend_only_on_their_seed():
     seeds = torch.randint(0, 2**62, (9,), generator=_gen(12))
     full = gaussian_noise(seeds, (3, 7, 5))  # odd pixel count: the last Box–Muller pair is cut
