@@ -134,3 +134,17 @@ def test_one_distillation_step(vits, dinov2_stats):
     assert len(hist) == 1 and 0.0 <= hist[0] <= 2.0
     assert out.meta["crop"] == 224 and out.meta["backbone"] == bb.name
     assert not torch.equal(out.images, start.images)  # the step moved the images
+
+
+@pytest.mark.parametrize("short", list(EXPECTED))
+def test_pretrained_checkpoints_fit_the_any_size_model(short):
+    """The weights file loads unchanged: the any-size model has the tensors (names, shapes) of timm's
+    default one, so pretrained=True loads exactly what it would load without dynamic_img_size."""
+    import timm
+
+    full = backbones.PAPER_BACKBONES[short]
+    kw = {} if backbones._keeps_head(full) else {"num_classes": 0}
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        plain = timm.create_model(full, **kw).state_dict()
+        dynamic = backbones._create(full, False, None).state_dict()
+    assert {k: v.shape for k, v in plain.items()} == {k: v.shape for k, v in dynamic.items()}
