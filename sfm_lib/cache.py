@@ -89,8 +89,12 @@ def dataset_identity(dataset) -> dict[str, Any]:
     images, files = getattr(dataset, "images", None), getattr(dataset, "files", None)
     if isinstance(images, torch.Tensor):
         ident["images"] = tensor_identity(images)
-    elif files is not None:
-        ident["files"] = _files_identity(files, getattr(dataset, "root", None))
+    elif files is not None:  # the list is fixed when the dataset is made: stat each file once per object
+        memo = getattr(dataset, "_sfm_files_identity", None)
+        if memo is None or memo[0] != len(files):
+            memo = (len(files), _files_identity(files, getattr(dataset, "root", None)))
+            dataset._sfm_files_identity = memo
+        ident["files"] = memo[1]
     labels = getattr(dataset, "targets", None)
     if isinstance(labels, torch.Tensor):
         ident["targets"] = tensor_identity(labels)
