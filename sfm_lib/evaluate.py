@@ -50,6 +50,7 @@ __all__ = ["ProbeResult", "linear_probe", "full_data_probe", "train_probe", "acc
 
 BASELINES = ("random", "centroids", "neighbors", "full")
 _CHUNK = 256  # images per backbone forward when computing view features
+_ROWS = 16384  # feature rows converted to float64 at a time (class means of a whole split)
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -406,7 +407,7 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
     if ipc < 1:
         raise ValueError(f"ipc must be ≥ 1, got {ipc}")
     x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
-    x, C = x.double(), len(dataset.classes)
+    C = len(dataset.classes)  # float64 per class below: no float64 copy of every feature
     if stats is not None:
         stats.check_compatible(backbone)
         if stats.num_classes != C:
@@ -414,14 +415,16 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
                              f"use the statistics of this dataset")
         means = stats.means.double()
     else:
-        means = torch.zeros(C, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+        means = torch.zeros(C, x.shape[1], dtype=torch.float64)
+        for s in range(0, len(y), _ROWS):
+            means.index_add_(0, y[s:s + _ROWS], x[s:s + _ROWS].double())
         means /= torch.bincount(y, minlength=C).clamp(min=1)[:, None]
     picks = []
     for c in range(C):
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < ipc:
             raise ValueError(f"class {dataset.classes[c]!r} has {len(idx)} images, fewer than ipc={ipc}")
-        d = ((x[idx] - means[c]) ** 2).sum(1)
+        d = ((x[idx].double() - means[c]) ** 2).sum(1)
         picks.append(idx[d.argsort(stable=True)[:ipc]])
     return data_mod.subset(dataset, torch.cat(picks).tolist())
 
@@ -442,14 +445,14 @@ def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSe
     with torch.inference_mode():
         q = torch.cat([backbone.features(distilled.images[i:i + _CHUNK].float(), resolution).cpu()
                        for i in range(0, len(distilled), _CHUNK)]).half().double()
-    x, labels = x.double(), distilled.labels.long().cpu()
+    labels = distilled.labels.long().cpu()  # x in float64 per class below, not all at once
     picks = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique().tolist():
         pool = torch.nonzero(y == c).flatten()
         if len(pool) == 0:
             raise ValueError(f"no real image of class {c} in {dataset.name}; is it the dataset that was distilled?")
         rows = torch.nonzero(labels == c).flatten()
-        d = torch.cdist(q[rows], x[pool])
+        d = torch.cdist(q[rows], x[pool].double())
         picks[rows] = pool[d.argmin(1)]
     return data_mod.subset(dataset, picks.tolist())
 

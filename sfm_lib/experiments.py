@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -19,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from . import backbones, data, distill, evaluate, features, stats
+from . import backbones, cache, data, distill, evaluate, features, stats
 from .augment import Augment
-from .utils import cache_dir, resolve_device
+from .utils import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -82,14 +80,6 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
     return Context(train, test, phi, st, resolution)
 
 
-def _describe(value: Any) -> Any:
-    if isinstance(value, Dataset):
-        return features.dataset_key(value) or f"{value.name}-subset-{len(value)}"
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    return value
-
-
 _SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
 
 
@@ -119,24 +109,18 @@ def distilled(ctx: Context, *, method: str = "sfm", crop_scale: float | None = N
     # the key holds every argument of the method with its default filled in, so equal runs share one file
     bound = _SIGNATURES[method].bind_partial(ctx.backbone, source, **kwargs)
     bound.apply_defaults()
-    described = {k: _describe(v) for k, v in bound.arguments.items()
-                 if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass",
-                              "chunk_size")}
-    if method == "sfm":
-        tensors = [ctx.stats.means] + ([ctx.stats.centres] if kwargs.get("subclass") else [])
-        fingerprint = hashlib.sha1(b"".join(t.double().numpy().tobytes() for t in tensors)).hexdigest()
-    else:
-        fingerprint = _describe(ctx.train)
-    blob = json.dumps({"method": method, "args": described, "stats": fingerprint, "backbone": ctx.backbone.name},
-                      sort_keys=True, default=str)
-    path = cache_dir() / "distilled" / f"{method}-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.safetensors"
+    # the memory plan and compile do not change the result, so they stay out of the key
+    args = {k: v for k, v in bound.arguments.items()
+            if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass", "chunk_size")}
+    init_name = "images" if isinstance(args["init"], torch.Tensor) else args["init"]
+    path = cache.entry("distilled", method, backbone=ctx.backbone, source=source, args=args)
     if path.is_file() and kwargs.get("callback") is None:
         return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
         kwargs["init"] = torch.stack([img for img, _ in nearest])
     result = getattr(distill, method)(ctx.backbone, source, **kwargs)
-    result.meta["init"] = described.get("init", "noise")
+    result.meta["init"] = init_name
     result.save(path)
     return result
 

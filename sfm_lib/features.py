@@ -26,6 +26,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import cache
 from .backbones import Backbone, square_resize
 from .data import BadImageError, ImageFolderDataset, TensorImageDataset
 from .utils import cache_dir, load_tensors, save_tensors
@@ -215,9 +216,13 @@ def dataset_key(dataset: Dataset) -> str | None:
 
 
 def cache_path(backbone: Backbone, dataset: Dataset, resolution: int) -> Path | None:
-    """Where the features of a whole dataset split are cached, or None for subsets (not cached)."""
+    """Where the features of a whole dataset split are cached (key: :mod:`sfm_lib.cache`), or None for
+    subsets (not cached)."""
     key = dataset_key(dataset)
-    return None if key is None else cache_dir() / "features" / f"{key}-{backbone.name}-{resolution}.safetensors"
+    if key is None:
+        return None
+    return cache.entry("features", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
+                       resolution=resolution)
 
 
 def compute(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,
@@ -236,9 +241,10 @@ def compute(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     for f, y in iterate(backbone, dataset, resolution, batch_size, num_workers, progress, skip_bad=skip_bad):
         table.add(f, y)
     # Rounded through float16 whatever happens, so a cache hit and a miss give identical numbers.
-    out = table.features().float(), table.labels()
+    half = table.features()
+    out = half.float(), table.labels()
     if path is not None:
-        store(path, *out, backbone=backbone.name, resolution=resolution)
+        store(path, half, out[1], backbone=backbone.name, resolution=resolution)
     return out
 
 

@@ -12,6 +12,7 @@ safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) w
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ import torch
 from torch.utils.data import Dataset
 
 from . import data as data_mod
+
+from . import cache
 from . import features as features_mod
 from .backbones import Backbone
-from .utils import cache_dir, load_tensors, save_tensors
+from .utils import load_tensors, save_tensors
 
 __all__ = ["ClassStats", "Reservoir", "extract", "cached_extract", "kmeans", "class_centres"]
 
@@ -320,15 +323,25 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     return ClassStats(means, counts.cpu(), classes, meta, centres)
 
 
+_EXTRACT_SIGNATURE = inspect.signature(extract)
+_RESULT_NEUTRAL = ("batch_size", "device", "num_workers", "cache_features", "progress")
+"""Arguments of :func:`extract` that do not change its result (left out of the cache key)."""
+
+
 def cached_extract(backbone: Backbone, dataset: Dataset, resolution: int, **kwargs) -> ClassStats:
     """:func:`extract`, reusing a file in the cache folder made with the same dataset split, backbone,
-    resolution and k-means setting (subsets are never cached)."""
+    resolution and settings (key: :mod:`sfm_lib.cache`; subsets are never cached)."""
     key = features_mod.dataset_key(dataset)
     if key is None:
         return extract(backbone, dataset, resolution, **kwargs)
-    k = kwargs.get("kmeans_k", 0)
-    kmeans_tag = f"-k{k}-s{kwargs.get('kmeans_sample', 2000)}-seed{kwargs.get('seed', 0)}" if k else ""
-    path = cache_dir() / "stats" / f"{key}-{backbone.name}-{resolution}{kmeans_tag}.safetensors"
+    if kwargs.get("device") is not None:  # extract() would move it: key the device it runs on
+        backbone = backbone.to(kwargs["device"])
+    bound = _EXTRACT_SIGNATURE.bind(backbone, dataset, resolution, **kwargs)
+    bound.apply_defaults()
+    settings = {k: v for k, v in bound.arguments.items()
+                if k not in ("backbone", "dataset", "resolution") + _RESULT_NEUTRAL}
+    path = cache.entry("stats", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
+                       resolution=resolution, settings=settings)
     if path.is_file():
         return ClassStats.load(path)
     result = extract(backbone, dataset, resolution, **kwargs)

@@ -112,6 +112,7 @@ def test_grace_hopper_is_military_uniform(grace_hopper, variant, within):
 # ------------------------------------------------------------------------------------- frozen backbone
 def test_backbone_is_frozen_but_passes_gradients(lite0):
     assert lite0.name == "effnet_lite0" and lite0.feature_dim == 1280
+    assert lite0.pretrained and lite0.precision == "fp32"
     assert lite0.device == torch.device("cpu")
     assert all(not p.requires_grad for p in lite0.model.parameters())
     assert not lite0.model.training and not any(m.training for m in lite0.model.modules())
@@ -202,7 +203,8 @@ def test_online_name_offline_fails_fast_and_clearly():
 
 def test_random_weights_timm_model():
     bb = backbones.load("resnet10t", pretrained=False)
-    assert bb.name == "resnet10t" and bb.feature_dim == 512
+    assert bb.name == "resnet10t.c3_in1k" and bb.feature_dim == 512  # timm's default tag made explicit
+    assert not bb.pretrained and bb.precision == "fp32" and bb.patch_size is None and bb.img_size is None
     assert all(not p.requires_grad for p in bb.model.parameters()) and not bb.model.training
     with torch.no_grad():
         f = bb.features(torch.rand(2, 3, 32, 32), 32)
@@ -213,5 +215,5 @@ def test_random_weights_timm_model():
 
 def test_offline_name_without_pretrained_is_random(lite0_wheel):
     bb = backbones.load("effnet_lite0", pretrained=False)
-    assert bb.feature_dim == 1280
+    assert bb.feature_dim == 1280 and not bb.pretrained
     assert not torch.equal(bb.model.conv_stem.weight, lite0_wheel["_conv_stem.weight"])
