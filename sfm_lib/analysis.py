@@ -1,0 +1,179 @@
+"""Diagnostics the chapters plot: how the LGM head gradient relates to the flow, and how each method's
+image gradient turns from one step to the next.
+
+**The LGM gradient is a flow (method.md §3).** A linear head z = W h + b on features h ∈ R^D, C classes,
+p = softmax(z), cross-entropy averaged over a batch {(h_i, y_i)}_{i=1..N}:
+
+    G = ∂CE/∂W = (1/N) Σ_i (p_i − e_{y_i}) h_iᵀ,      row c:  g_c = (1/N) Σ_i p_{ic} h_i − (n_c/N) μ̂_c,
+
+with μ̂_c the batch mean of class c and n_c its count. At W = 0, b = 0 the softmax is uniform, p_{ic} = 1/C.
+For a class-balanced batch (n_c = N/C) Σ_i h_i / N = μ̄̂ (the mean of the batch's class means), so
+
+    g_c = (1/C)(μ̄̂ − μ̂_c) = (C−1)/C² · f̂_c,      f̂_c = mean_{k≠c} μ̂_k − μ̂_c = C/(C−1)(μ̄̂ − μ̂_c),
+
+i.e. G = +(C−1)/C² · F̂: the head gradient points *along* the flow matrix F̂ of the batch (gradient
+descent on W moves it along −F̂, towards the centred class means). The bias gradient Σ_i (p_i − e_{y_i})/N
+is 0 there. LGM therefore matches a flow estimated on one real batch ("local"); SFM matches the flow F of
+the class means of the whole training set ("global"). :func:`lgm_flow_cosine` measures cos(vec G, vec F)
+as the head's standard deviation σ and the batch size move away from this ideal.
+
+**Local versus global, measured.** :func:`step_to_step_cosine` takes, for each method, a callable that
+returns the loss of one step on fixed images x with that step's fresh randomness (augmentations; for LGM
+also the head and the real batch), and reports cos(∂L_t/∂x, ∂L_{t+1}/∂x) between consecutive steps.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import flow
+from .augment import Augment
+from .backbones import Backbone
+from .stats import ClassStats
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["head_gradient", "lgm_flow_cosine", "ImageLoss", "sfm_image_loss", "step_to_step_cosine"]
+
+ImageLoss = Callable[[Tensor, torch.Generator], Tensor]
+"""One step's loss as a function of the images x [N, 3, H, W] in [0, 1] and a generator that supplies
+all of that step's randomness; differentiable w.r.t. x."""
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def head_gradient(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
+    """Closed-form gradient of the mean cross-entropy of a linear head, in float64.
+
+    With p_i = softmax(W h_i + b) and Y the one-hot labels: ∂CE/∂W = (1/N) (P − Y)ᵀ H ∈ R^{C×D} and
+    ∂CE/∂b = (1/N) Σ_i (p_i − e_{y_i}) ∈ R^C, for ``features`` H [N, D], ``labels`` [N], ``weight`` W [C, D],
+    ``bias`` b [C] (None: 0). Rows are processed ``chunk_size`` at a time, so N may be a whole split.
+    Returns (∂CE/∂W, ∂CE/∂b).
+    """
+    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(f"need features [N, D] and weight [C, D], got {tuple(features.shape)} and "
+                         f"{tuple(weight.shape)}")
+    C = weight.shape[0]
+    labels = flow._check_labels(labels, features.shape[0], C)
+    w = weight.double().to(features.device)
+    b = torch.zeros(C, dtype=torch.float64, device=features.device) if bias is None else bias.double()
+    gw = torch.zeros_like(w)
+    gb = torch.zeros_like(b)
+    for start in range(0, features.shape[0], chunk_size):
+        h = features[start:start + chunk_size].double()
+        r = torch.softmax(h @ w.T + b, dim=1)
+        r[torch.arange(len(h)), labels[start:start + chunk_size]] -= 1.0
+        gw += r.T @ h
+        gb += r.sum(0)
+    n = max(1, features.shape[0])
+    return gw / n, gb / n
+
+
+def _balanced_batch(labels: Tensor, num_classes: int, per_class: int, gen: torch.Generator) -> Tensor:
+    """Indices of ``per_class`` random images of every class (without replacement)."""
+    idx = []
+    for c in range(num_classes):
+        rows = (labels == c).nonzero().flatten()
+        if len(rows) < per_class:
+            raise ValueError(f"class {c} has {len(rows)} images, fewer than images_per_class={per_class}")
+        idx.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
+    return torch.cat(idx)
+
+
+def lgm_flow_cosine(features: Tensor, labels: Tensor, num_classes: int, *, means: Tensor | None = None,
+                    sigmas: Sequence[float] = (0.0, 1e-3, 1e-2, 1e-1),
+                    images_per_class: Sequence[int] = (1, 3, 10, 100, 0), draws: int = 8,
+                    seed: int = 0) -> "pd.DataFrame":
+    """cos(vec G, vec F): the LGM head gradient on a real batch against the global real flow.
+
+    G = ∂CE/∂W (:func:`head_gradient`) for a head W ~ N(0, σ²) (entrywise), b = 0, on a class-balanced batch
+    of ``images_per_class`` random images per class (0: the whole of ``features``, every image once).
+    F = ``flow.real_flow(means)``, ``means`` defaulting to the class means of all of ``features``. The
+    orientation is G ∝ +F (see the module docstring), so the cosine is +1 at σ = 0 on the whole split
+    (class-balanced), and a cosine near 1 means "G points along the flow".
+
+    Each (σ, batch size) pair is drawn ``draws`` times (a new batch and a new head each time; the whole
+    split is the same batch every time). Returns one row per draw: ``sigma``, ``images_per_class`` (for the
+    whole split, the mean count per class), ``whole_split``, ``draw``, ``cosine`` = cos(G, F) and
+    ``cosine_batch_flow`` = cos(G, F̂), F̂ the flow of the batch's own class means.
+    """
+    import pandas as pd
+
+    if draws < 1:
+        raise ValueError(f"draws must be ≥ 1, got {draws}")
+    labels = flow._check_labels(labels, features.shape[0], num_classes)
+    if means is None:
+        means = flow.class_means(features.double(), labels, num_classes)
+    target = flow.real_flow(means.double().to(features.device))
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in images_per_class:
+        if k < 0:
+            raise ValueError(f"images_per_class must be ≥ 1 (or 0 for the whole split), got {k}")
+        for d in range(draws):
+            idx = None if k == 0 else _balanced_batch(labels.cpu(), num_classes, k, gen).to(features.device)
+            h = features if idx is None else features[idx]
+            y = labels if idx is None else labels[idx]
+            batch_flow = flow.real_flow(flow.class_means(h.double(), y, num_classes))
+            for sigma in sigmas:
+                w = sigma * torch.randn(num_classes, features.shape[1], generator=gen, dtype=torch.float64)
+                g, _ = head_gradient(h, y, w.to(features.device))
+                rows.append({"sigma": float(sigma), "images_per_class": k or len(labels) / num_classes,
+                             "whole_split": k == 0, "draw": d, "cosine": _cos(g, target),
+                             "cosine_batch_flow": _cos(g, batch_flow)})
+    return pd.DataFrame(rows)
+
+
+def sfm_image_loss(backbone: Backbone, stats: ClassStats, labels: Tensor, augment: Augment, crop: int,
+                   augs: int = 1) -> ImageLoss:
+    """The SFM loss of one step as an :data:`ImageLoss`: ``augs`` views per image drawn by ``augment``
+    from the step's generator, z = φ(normalise(aug(x))), L = 1 − cos(vec F̃(z), vec F(μ)) (method.md §3).
+    ``labels`` [N] are the images' classes; the generator must live on the backbone's device."""
+    target = flow.real_flow(stats.means.double()).float().to(backbone.device)
+    C = stats.num_classes
+
+    def loss(images: Tensor, gen: torch.Generator) -> Tensor:
+        n = images.shape[0]
+        idx = torch.arange(n * augs, device=images.device) % n
+        views = augment.apply(images[idx], augment.sample(n * augs, gen), crop)
+        z = backbone(backbone.preprocess(views, crop))
+        return flow.sfm_loss(flow.synthetic_flow(z, labels.to(z.device)[idx.to(z.device)], C), target)
+
+    return loss
+
+
+def step_to_step_cosine(losses: Mapping[str, ImageLoss], images: Tensor, steps: int = 8,
+                        seed: int = 0, device: torch.device | str | None = None) -> "pd.DataFrame":
+    """How much each method's image gradient turns from one step to the next, at fixed images.
+
+    For each method m and steps t = 0 … ``steps``−1, g_t = ∂L_t/∂x at the same ``images`` x, L_t the
+    method's loss with step t's randomness (one generator seeded with ``seed`` per method, consumed in
+    order, so step t+1 has fresh draws). Returns one row per (method, t < steps−1): ``method``, ``step`` t,
+    ``cosine_next`` = cos(vec g_t, vec g_{t+1}) and ``cosine_mean`` = cos(vec g_t, vec ḡ), ḡ the mean of
+    the ``steps`` gradients (how well one step points along the average direction).
+    """
+    import pandas as pd
+
+    if steps < 2:
+        raise ValueError(f"steps must be ≥ 2 (a cosine needs two consecutive gradients), got {steps}")
+    device = torch.device(device) if device is not None else images.device
+    rows = []
+    for name, loss_fn in losses.items():
+        gen = torch.Generator(device=device).manual_seed(seed)
+        grads = []
+        for _ in range(steps):
+            x = images.detach().to(device).clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_fn(x, gen), x)
+            grads.append(g.detach().double().flatten().cpu())
+        mean = torch.stack(grads).mean(0)
+        for t in range(steps - 1):
+            rows.append({"method": name, "step": t, "cosine_next": _cos(grads[t], grads[t + 1]),
+                         "cosine_mean": _cos(grads[t], mean)})
+    return pd.DataFrame(rows)
