@@ -37,8 +37,7 @@ from . import data as data_mod
 from . import features as features_mod
 from .augment import Augment
 from .backbones import Backbone, square_resize
-from .data import TensorImageDataset
-from .distill import DistilledSet
+from .data import DistilledSet, TensorImageDataset
 from .stats import ClassStats
 from .utils import resolve_device
 

@@ -55,7 +55,7 @@ def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2, ema=0.0):
     params = aug.sample(C * ipc * augs, torch.Generator().manual_seed(7))
     loss = distill.step_gradient(images, lite0, objective, aug, params, labels, slots, augs, RES,
                                  two_pass=two_pass, chunk_size=chunk_size)
-    return loss, [p.grad.clone() for p in images.parameters()]
+    return float(loss), [p.grad.clone() for p in images.parameters()]
 
 
 @pytest.mark.parametrize("kind,ema", [("pixels", 0.0), ("pyramid", 0.0), ("pixels", 0.7)])
@@ -196,7 +196,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lite0, toy_stats, tmp
     def flaky(*a, **k):
         calls["n"] += 1
         value = real_step(*a, **k)
-        return float("nan") if calls["n"] == 4 else value
+        return torch.tensor(float("nan")) if calls["n"] == 4 else value
 
     monkeypatch.setattr(distill, "step_gradient", flaky)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
