@@ -31,12 +31,11 @@ from torch import Tensor
 from . import flow
 from .augment import Augment
 from .backbones import Backbone
-from .stats import ClassStats
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["head_gradient", "lgm_flow_cosine", "ImageLoss", "sfm_image_loss", "step_to_step_cosine"]
+__all__ = ["head_gradient", "lgm_flow_cosine", "ImageLoss", "image_loss", "step_to_step_cosine"]
 
 ImageLoss = Callable[[Tensor, torch.Generator], Tensor]
 """One step's loss as a function of the images x [N, 3, H, W] in [0, 1] and a generator that supplies
@@ -50,7 +49,9 @@ def _cos(a: Tensor, b: Tensor) -> float:
 
 def head_gradient(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None = None,
                   chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
-    """Closed-form gradient of the mean cross-entropy of a linear head, in float64.
+    """Closed-form gradient of the mean cross-entropy of a linear head, in float64 (the LGM objective takes
+    the same gradient by autograd, :func:`sfm_lib.objectives.head_gradient`; this one is exact in float64
+    and streams any number of rows).
 
     With p_i = softmax(W h_i + b) and Y the one-hot labels: ∂CE/∂W = (1/N) (P − Y)ᵀ H ∈ R^{C×D} and
     ∂CE/∂b = (1/N) Σ_i (p_i − e_{y_i}) ∈ R^C, for ``features`` H [N, D], ``labels`` [N], ``weight`` W [C, D],
@@ -131,20 +132,33 @@ def lgm_flow_cosine(features: Tensor, labels: Tensor, num_classes: int, *, means
     return pd.DataFrame(rows)
 
 
-def sfm_image_loss(backbone: Backbone, stats: ClassStats, labels: Tensor, augment: Augment, crop: int,
-                   augs: int = 1) -> ImageLoss:
-    """The SFM loss of one step as an :data:`ImageLoss`: ``augs`` views per image drawn by ``augment``
-    from the step's generator, z = φ(normalise(aug(x))), L = 1 − cos(vec F̃(z), vec F(μ)) (method.md §3).
-    ``labels`` [N] are the images' classes; the generator must live on the backbone's device."""
-    target = flow.real_flow(stats.means.double()).float().to(backbone.device)
-    C = stats.num_classes
+def image_loss(objective, backbone: Backbone, labels: Tensor, augment: Augment, crop: int,
+               augs: int = 1) -> ImageLoss:
+    """One distillation step's loss as an :data:`ImageLoss`, for any objective of the loop
+    (:class:`sfm_lib.objectives.SFMObjective`, :class:`~sfm_lib.objectives.LGMObjective`).
+
+    ``objective.begin_step(backbone)`` draws what the objective needs (LGM: a head W ~ N(0, σ²) and an
+    augmented real batch, from the objective's own generator; SFM: nothing); then ``augs`` views per
+    image, copy-major, are drawn by ``augment`` from the step's generator, z = φ(normalise(aug(x))), and
+    the loss is ``objective(z, labels, slots)`` (slot = the image's rank within its class). ``labels`` [N]
+    are the images' classes; the generator must live on the backbone's device."""
+    labels = labels.long().cpu()
+    seen: dict[int, int] = {}
+    slots = []
+    for y in labels.tolist():
+        slots.append(seen.get(y, 0))
+        seen[y] = slots[-1] + 1
+    idx = torch.arange(len(labels) * augs) % len(labels)
+    view_labels = labels[idx].to(backbone.device)
+    view_slots = torch.tensor(slots)[idx].to(backbone.device)
 
     def loss(images: Tensor, gen: torch.Generator) -> Tensor:
-        n = images.shape[0]
-        idx = torch.arange(n * augs, device=images.device) % n
-        views = augment.apply(images[idx], augment.sample(n * augs, gen), crop)
+        if images.shape[0] != len(labels):
+            raise ValueError(f"{images.shape[0]} images for {len(labels)} labels")
+        objective.begin_step(backbone)
+        views = augment.apply(images[idx.to(images.device)], augment.sample(len(idx), gen), crop)
         z = backbone(backbone.preprocess(views, crop))
-        return flow.sfm_loss(flow.synthetic_flow(z, labels.to(z.device)[idx.to(z.device)], C), target)
+        return objective(z, view_labels, view_slots)
 
     return loss
 

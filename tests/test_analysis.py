@@ -147,7 +147,31 @@ def test_step_to_step_cosine_against_hand_computed_gradients():
         analysis.step_to_step_cosine({"fixed": deterministic}, x, steps=1)
 
 
-def test_sfm_image_loss_is_the_flow_loss_of_the_views(lite0, single_thread):
+def _flow(means):
+    C = len(means)
+    return torch.stack([(means.sum(0) - means[c]) / (C - 1) - means[c] for c in range(C)])
+
+
+def _cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_closed_form_matches_the_lgm_objective_gradient():
+    from sfm_lib import objectives
+
+    C, D = 5, 9
+    h, y = _clusters(C, 4, D, seed=3)
+    g = torch.Generator().manual_seed(4)
+    W = 0.05 * torch.randn(C, D, generator=g)
+    gw, gb = analysis.head_gradient(h, y, W)
+    lw, lb = objectives.head_gradient(h.float(), y, W, torch.zeros(C))
+    torch.testing.assert_close(lw.double(), gw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lb.double(), gb, rtol=1e-4, atol=1e-6)
+
+
+def test_image_loss_with_the_sfm_objective_is_the_flow_loss_of_the_views(lite0, single_thread):
+    from sfm_lib import objectives
     from sfm_lib import stats as stats_mod
 
     C, crop = 3, 32
@@ -155,15 +179,37 @@ def test_sfm_image_loss_is_the_flow_loss_of_the_views(lite0, single_thread):
     images = torch.rand(2 * C, 3, crop, crop, generator=g)
     labels = torch.arange(C).repeat(2)
     means = torch.randn(C, lite0.feature_dim, generator=g, dtype=torch.float64)
-    st = stats_mod.ClassStats(means, torch.ones(C, dtype=torch.long), ["a", "b", "c"],
-                              {"backbone": lite0.name})
-    loss_fn = analysis.sfm_image_loss(lite0, st, labels, Augment.none(), crop, augs=2)
+    st = stats_mod.ClassStats(means, torch.ones(C, dtype=torch.long), ["a", "b", "c"], {"backbone": lite0.name})
+    objective = objectives.SFMObjective(st, lite0.device, ipc=2)
+    loss_fn = analysis.image_loss(objective, lite0, labels, Augment.none(), crop, augs=2)
     value = loss_fn(images, torch.Generator().manual_seed(1))
     with torch.no_grad():
         z = lite0.features(images, crop).double()
     # two identical (identity) views per image leave the class means unchanged
     s = torch.stack([z[labels == c].mean(0) for c in range(C)])
-    syn = torch.stack([(s.sum(0) - s[c]) / (C - 1) - s[c] for c in range(C)])
-    real = torch.stack([(means.sum(0) - means[c]) / (C - 1) - means[c] for c in range(C)])
-    expected = 1 - (syn.flatten() @ real.flatten()) / (syn.norm() * real.norm())
-    assert float(value) == pytest.approx(float(expected), abs=1e-5)
+    assert float(value) == pytest.approx(1 - _cosine(_flow(s), _flow(means)), abs=1e-5)
+
+
+def test_lgm_with_a_zero_head_and_balanced_batches_is_sfm_against_the_batch_flow(lite0, single_thread,
+                                                                                 fmnist_train):
+    """The theory on the real LGM objective: at W = 0 with class-balanced real batches, LGM's loss is
+    1 − cos(flow of the real batch, flow of the synthetic views)."""
+    from sfm_lib import data, objectives
+    from sfm_lib.objectives import RealStream, _gather
+
+    crop, C = 32, 10
+    train = data.subset_per_class(fmnist_train, 4)
+    objective = objectives.LGMObjective(train, lite0, ipc=1, augs=2, resolution=crop, augment=Augment.none(),
+                                        head_std=0.0, balanced=True, seed=3)
+    labels = torch.arange(C)
+    images = torch.rand(C, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    loss_fn = analysis.image_loss(objective, lite0, labels, Augment.none(), crop, augs=2)
+    value = float(loss_fn(images, torch.Generator().manual_seed(1)).detach())
+    stream = RealStream(train, 2 * C, seed=3, balanced=True)  # the same stream: the same first batch
+    idx = stream.next_indices()
+    with torch.no_grad():
+        z_real = lite0.features(_gather(train, idx, crop), crop).double()
+        z_syn = lite0.features(images, crop).double()
+    y_real = stream.targets[idx]
+    real_means = torch.stack([z_real[y_real == c].mean(0) for c in range(C)])
+    assert float(value) == pytest.approx(1 - _cosine(_flow(z_syn), _flow(real_means)), abs=1e-4)
