@@ -232,3 +232,24 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
                              "steps": n, "time_s": round(t, 2), "top1_mean": score.top1_mean,
                              "top1_std": score.top1_std})
     return pd.DataFrame(rows)
+
+
+__all__ += ["recorded_costs"]
+
+
+def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:
+    """The ``python -m sfm_lib bench methods`` results committed as JSON under ``folder`` (default: the
+    ``results/`` folder of the repository this package sits in; none when installed elsewhere), as
+    ``"<gpu or device> (<file name>)"`` → the JSON. Files that are not such results are skipped."""
+    from pathlib import Path
+
+    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results"
+    found = {}
+    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and isinstance(content.get("runs"), dict) and "sfm_A1" in content["runs"]:
+            found[f"{content.get('gpu') or content.get('device', '?')} ({path.name})"] = content
+    return found

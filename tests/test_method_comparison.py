@@ -69,3 +69,15 @@ def test_method_comparison_needs_methods(fake_world):
     ctx, _ = fake_world
     with pytest.raises(ValueError, match="methods is empty"):
         experiments.method_comparison(ctx, {})
+
+
+def test_recorded_costs_reads_bench_methods_results_only(tmp_path):
+    import json
+
+    run = {"runs": {"sfm_A1": {"median_s": 0.04, "peak_gib": 7.0}}, "ratios": {"time": 13.2, "memory": 8.9},
+           "device": "cuda", "gpu": "NVIDIA H200", "command": "python -m sfm_lib bench methods"}
+    (tmp_path / "h200.json").write_text(json.dumps(run))
+    (tmp_path / "other.json").write_text(json.dumps({"top1": [1.0]}))
+    (tmp_path / "broken.json").write_text("{")
+    assert experiments.recorded_costs(str(tmp_path)) == {"NVIDIA H200 (h200.json)": run}
+    assert experiments.recorded_costs(str(tmp_path / "missing")) == {}
