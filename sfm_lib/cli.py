@@ -52,19 +52,28 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, stats
     from .augment import Augment
 
-    st = stats.ClassStats.load(a.stats)
-    if a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
+    if a.method == "lgm" and a.stats:
+        raise CliError("--method lgm matches gradients on real images: pass --dataset (the training set), "
+                       "not --stats")
+    if a.method == "sfm" and not a.stats:
+        raise CliError("--method sfm needs --stats FILE (class statistics from `python -m sfm_lib stats`)")
+    st = stats.ClassStats.load(a.stats) if a.method == "sfm" else None
+    if st is not None and a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
         raise CliError(f"--init real takes images from --dataset {a.dataset}, but {a.stats} holds statistics of "
                        f"{st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bb = backbones.load(a.backbone, a.device)
-    init_ds = data.load(a.dataset, "train", root=a.data_root, download=a.download) if a.init == "real" else None
+    needs_data = a.init == "real" or a.method == "lgm"
+    train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
-    result = distill.sfm(bb, st, ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, augs=a.augs,
-                         lr=a.lr, schedule=a.schedule, augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p),
-                         param=a.param, grow_every=a.grow_every, init=a.init, init_dataset=init_ds,
-                         loss=a.loss, subclass=a.subclass, ema=a.ema, seed=a.seed, two_pass=a.two_pass,
-                         chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
-                         resume=a.resume)
+    common = dict(ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, lr=a.lr, schedule=a.schedule,
+                  augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p), param=a.param,
+                  grow_every=a.grow_every, init=a.init, init_dataset=train if a.init == "real" else None,
+                  seed=a.seed, two_pass=a.two_pass, chunk_size=a.chunk_size, checkpoint=checkpoint,
+                  checkpoint_every=a.checkpoint_every, resume=a.resume, compile=a.compile)
+    if a.method == "sfm":
+        result = distill.sfm(bb, st, augs=a.augs or 1, loss=a.loss, subclass=a.subclass, ema=a.ema, **common)
+    else:
+        result = distill.lgm(bb, train, augs=a.augs or 10, head_std=a.head_std, balanced=a.balanced, **common)
     result.save(a.out)
     hist = result.meta["loss_history"]
     print(f"wrote {a.out}: images {tuple(result.images.shape)}, final loss "
@@ -158,14 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their class means match the real flows. Writes safetensors ('images' "
                                    "[N,3,H,W] in [0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
     _common(p)
-    p.add_argument("--method", default="sfm", choices=["sfm"], help="distillation method")
-    p.add_argument("--stats", required=True, help="class statistics from `python -m sfm_lib stats`")
+    p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
+                   help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
+                        "images of --dataset")
+    p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--ipc", type=int, default=1, help="synthetic images per class")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--crop", type=int, default=None, help="backbone input size of the augmented views "
                                                          "(default: --resolution)")
-    p.add_argument("--augs", type=int, default=1, help="augmented views per image and step")
+    p.add_argument("--augs", type=int, default=None, help="augmented views per image and step (default: sfm 1, "
+                                                          "lgm 10)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default per --param)")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
     p.add_argument("--crop-scale", type=float, default=0.08, help="smallest area fraction of the random resized crop")
@@ -178,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0, help="running average of the synthetic class means in the "
                    "loss, weight BETA in [0, 1) on the past (0: off; 0.7 ≈ twice the views per step)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--two-pass", action="store_true", help="memory-bounded backward (same gradient)")
-    p.add_argument("--chunk-size", type=int, default=256, help="views per chunk in --two-pass mode")
+    p.add_argument("--head-std", type=float, default=0.01, help="lgm: std of the random head W (b = 0)")
+    p.add_argument("--balanced", action="store_true", help="lgm: class-balanced real batches (default shuffled)")
+    p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=None,
+                   help="memory-bounded backward, same gradient (default: automatic on CUDA, off on CPU)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="views per chunk in --two-pass mode (default: 256 on CPU, what fits on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")

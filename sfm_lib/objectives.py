@@ -145,11 +145,12 @@ def head_gradient(z: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
 
         ∂CE/∂W = (P − Y)ᵀ Z / N,   ∂CE/∂b = (P − Y)ᵀ 1 / N,   P = softmax(Z Wᵀ + b), Y one-hot
 
-    computed by autograd. ``create_graph=True`` keeps it differentiable w.r.t. ``z`` (LGM's synthetic side)."""
-    w = weight.detach().requires_grad_(True)
-    b = bias.detach().requires_grad_(True)
+    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z`` (LGM's synthetic side)."""
+    dtype = torch.promote_types(torch.promote_types(z.dtype, weight.dtype), torch.float32)
+    w = weight.detach().to(dtype).requires_grad_(True)
+    b = bias.detach().to(dtype).requires_grad_(True)
     with torch.enable_grad():
-        ce = F.cross_entropy(z.float() @ w.t() + b, labels)
+        ce = F.cross_entropy(z.to(dtype) @ w.t() + b, labels)
         gw, gb = torch.autograd.grad(ce, (w, b), create_graph=create_graph)
     return gw, gb
 

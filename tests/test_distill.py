@@ -303,3 +303,105 @@ def test_gradient_agreement_against_a_hand_computation(lite0, toy_stats):
     assert got["ema β=0.5"].tolist() == pytest.approx([cos(grad(ema2), ref), cos(grad(ema3), ref)], abs=1e-5)
     with pytest.raises(ValueError, match="draws"):
         distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(8,))
+
+
+def test_class_means_by_reshape_equal_the_index_path():
+    from sfm_lib.objectives import ViewLayout
+
+    augs, ipc, dim = 3, 2, 5
+    z = torch.randn(augs * C * ipc, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(C).repeat_interleave(ipc).repeat(augs)  # copy-major views of class-major images
+    slots = torch.arange(ipc).repeat(C).repeat(augs)
+    layout = ViewLayout(augs, C, ipc)
+    torch.testing.assert_close(layout.class_means(z), flow.class_means(z, labels, C), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layout.subclass_means(z), flow.subclass_means(z, labels, slots, C, ipc),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="augs=3"):
+        layout.class_means(z[:-1])
+
+
+def test_objectives_read_nothing_back_to_the_host(lite0, toy_stats, monkeypatch):
+    """With the layout the SFM loss (class means, flow, ema) runs without .item() / .tolist()."""
+    from sfm_lib.objectives import ViewLayout
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync inside the step")
+
+    z = torch.randn(2 * C, lite0.feature_dim)
+    labels = torch.arange(C).repeat(2)
+    for kw in ({}, {"ema": 0.5}, {"subclass": True, "ipc": 1}):
+        obj = distill.SFMObjective(toy_stats, lite0.device, **kw)
+        monkeypatch.setattr(torch.Tensor, "item", forbidden)
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
+        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
+        monkeypatch.undo()
+
+
+def test_resume_names_every_difference(lite0, toy_stats, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _run(lite0, toy_stats, checkpoint=ckpt, steps=2, schedule="cosine", param="pyramid", grow_every=1)
+    other_stats = ClassStats(toy_stats.means + 1e-9, toy_stats.counts, toy_stats.classes, dict(toy_stats.meta),
+                             toy_stats.centres)
+    with pytest.raises(ValueError, match="other settings") as info:
+        _run(lite0, other_stats, checkpoint=ckpt, resume=True, steps=3, schedule="cosine", param="pyramid",
+             grow_every=2, augment=Augment(noise_p=0.1), ema=0.5)
+    msg = str(info.value)
+    for key in ("steps: 2 in the checkpoint, 3 now", "grow_every: 1 in the checkpoint, 2 now", "augment:",
+                "sfm.statistics:", "sfm.ema: 0.0 in the checkpoint, 0.5 now"):
+        assert key in msg
+    # a constant schedule does not depend on the number of steps: a finished run may be extended
+    ckpt2 = tmp_path / "d.pt"
+    short = _run(lite0, toy_stats, checkpoint=ckpt2, steps=2)
+    longer = _run(lite0, toy_stats, checkpoint=ckpt2, steps=3, resume=True)
+    assert longer.meta["loss_history"][:2] == short.meta["loss_history"]
+    assert len(longer.meta["loss_history"]) == 3
+
+
+def test_non_finite_loss_names_the_step(lite0, toy_stats, monkeypatch):
+    real_step = distill.step_gradient
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        value = real_step(*a, **k)
+        return torch.tensor(float("inf")) if calls["n"] == 3 else value
+
+    monkeypatch.setattr(distill, "step_gradient", flaky)
+    with pytest.raises(FloatingPointError, match=r"inf at step 2 \(found when reading back steps 0–4\)"):
+        _run(lite0, toy_stats, steps=5)
+
+
+def test_out_of_memory_names_the_setting_to_lower(lite0, toy_stats, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(distill, "step_gradient", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="--two-pass") as info:
+        _run(lite0, toy_stats, augs=2)
+    assert "--augs, now 2" in str(info.value) and "--ipc" in str(info.value)
+    with pytest.raises(torch.OutOfMemoryError, match="--chunk-size, now 4"):
+        _run(lite0, toy_stats, two_pass=True, chunk_size=4)
+
+
+def test_compile_flag_compiles_a_copy_of_the_backbone(lite0, toy_stats, monkeypatch):
+    compiled = []
+
+    def fake_compile(model, **kw):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = _run(lite0, toy_stats, steps=1, compile=True)
+    assert compiled == [lite0.model] and out.meta["compile"] is True
+    _run(lite0, toy_stats, steps=1)
+    assert len(compiled) == 1
+
+
+def test_memory_plan_on_cpu_is_explicit(lite0, toy_stats):
+    stats_cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), stats_cfg, toy_stats.classes)
+    assert d.plan_memory() == (False, 256)
+    cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES, two_pass=True, chunk_size=7)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), cfg, toy_stats.classes)
+    assert d.plan_memory() == (True, 7)
