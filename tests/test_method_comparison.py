@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sfm_lib import evaluate, experiments
-from sfm_lib.distill import DistilledSet
+from sfm_lib.data import DistilledSet
 
 
 class _FakeImages:
