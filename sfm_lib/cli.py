@@ -123,6 +123,19 @@ def _cmd_baselines(a: argparse.Namespace) -> None:
 def _cmd_bench(a: argparse.Namespace) -> None:
     from . import backbones, bench, data
 
+    if a.what == "methods":
+        import shlex
+
+        dataset = None if a.random_weights else a.dataset
+        result = bench.methods_cost(a.backbone, a.device, pretrained=not a.random_weights, num_classes=a.classes,
+                                    ipc=a.ipc, resolution=a.resolution, crop=a.crop, two_pass=a.two_pass,
+                                    chunk_size=a.chunk_size, param=a.param, steps=a.steps,
+                                    optimizer=not a.no_optimizer, dataset=dataset, data_root=a.data_root,
+                                    threads=a.threads, command="python -m sfm_lib " + shlex.join(a.argv))
+        print(bench.methods_table(result))
+        print(json.dumps(result))
+        _json_out(a.json, result)
+        return
     if a.threads:
         import torch
 
@@ -229,8 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
                        description="'stats': the statistics pass vs forward-only throughput (same batch, resolution). "
-                                   "'step': median time and peak GPU memory of one SFM step.")
-    p.add_argument("what", choices=["stats", "step"])
+                                   "'step': median time and peak GPU memory of one SFM step. 'methods': SFM at "
+                                   "A = 1, 10 and LGM at A = 1, 3, 10 in one run (time per full step, peak memory: "
+                                   "CUDA allocator, or on the CPU the peak resident memory of a fresh process each; "
+                                   "LGM reads --dataset, or random in-memory images with --random-weights).")
+    p.add_argument("what", choices=["stats", "step", "methods"])
     _common(p)
     p.add_argument("--random-weights", action="store_true", help="random backbone weights (cost only)")
     p.add_argument("--images", type=int, default=4096, help="stats: images to stream")
@@ -238,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")
-    p.add_argument("--augs", type=int, default=1)
+    p.add_argument("--augs", type=int, default=1, help="step: views per image (methods: fixed 1, 10 / 1, 3, 10)")
     p.add_argument("--param", default="pixels", choices=["pixels", "pyramid"])
     p.add_argument("--two-pass", action="store_true")
     p.add_argument("--chunk-size", type=int, default=256)
@@ -252,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, FloatingPointError) as err:

@@ -350,9 +350,9 @@ class Distiller:
                 f"images per class (ipc / --ipc, now {cfg.ipc})")
 
     # -------------------------------------------------------------------------------------------- step
-    def step(self, step: int) -> torch.Tensor:
-        """One full step (0-based index ``step``): grow, objective.begin_step, views, loss, backward, Adam.
-        Returns the loss as a 0-d tensor on the device."""
+    def step(self, step: int, update: bool = True) -> torch.Tensor:
+        """One full step (0-based index ``step``): grow, objective.begin_step, views, loss, backward, Adam
+        (``update=False``: no Adam step, as in a bare gradient probe). Returns the loss, a 0-d device tensor."""
         cfg = self.config
         if self.two_pass is None or self.chunk_size is None:
             self.plan_memory()
@@ -365,9 +365,10 @@ class Distiller:
             loss = step_gradient(self.images, self.phi, self.objective, cfg.augment, params, self.labels,
                                  self.slots, cfg.augs, self.crop, two_pass=self.two_pass,
                                  chunk_size=self.chunk_size, layout=self.layout)
-            for group in self.opt.param_groups:
-                group["lr"] = _lr_at(step, cfg.steps, self.lr, cfg.schedule)
-            self.opt.step()
+            if update:
+                for group in self.opt.param_groups:
+                    group["lr"] = _lr_at(step, cfg.steps, self.lr, cfg.schedule)
+                self.opt.step()
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(self._oom_message()) from err
         return loss

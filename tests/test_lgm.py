@@ -217,3 +217,20 @@ def test_experiments_distilled_caches_lgm_runs_apart_from_sfm(session_cache, mon
     assert sfm.meta["method"] == "sfm" and not torch.equal(sfm.images, first.images)
     with pytest.raises(ValueError, match="method"):
         experiments.distilled(ctx, method="dm")
+
+
+def test_bench_methods_measures_five_configurations(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "m.json"
+    assert main(["bench", "methods", "--resolution", "32", "--classes", "3", "--steps", "1", "--device", "cpu",
+                 "--random-weights", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["runs"]) == ["sfm_A1", "sfm_A10", "lgm_A1", "lgm_A3", "lgm_A10"]
+    for row in result["runs"].values():
+        assert row["median_s"] > 0 and row["peak_gib"] > 0 and row["peak_reset"] is True
+    r = result["runs"]
+    assert result["ratios"]["time"] == pytest.approx(r["lgm_A10"]["median_s"] / r["sfm_A1"]["median_s"], rel=0.01)
+    assert result["ratios"]["memory"] == pytest.approx(r["lgm_A10"]["peak_gib"] / r["sfm_A1"]["peak_gib"], rel=0.01)
+    assert result["device"] == "cpu" and result["command"].startswith("python -m sfm_lib bench methods")
+    assert "LGM A=10 / SFM A=1" in capsys.readouterr().out
