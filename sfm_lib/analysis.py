@@ -50,31 +50,44 @@ def _cos(a: Tensor, b: Tensor) -> float:
 def head_gradient(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None = None,
                   chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
     """Closed-form gradient of the mean cross-entropy of a linear head, in float64 (the LGM objective takes
-    the same gradient by autograd, :func:`sfm_lib.objectives.head_gradient`; this one is exact in float64
-    and streams any number of rows).
+    the same gradient by autograd, :func:`sfm_lib.objectives.head_gradient`; this one is exact in float64,
+    streams any number of rows and takes many heads at once).
 
     With p_i = softmax(W h_i + b) and Y the one-hot labels: ∂CE/∂W = (1/N) (P − Y)ᵀ H ∈ R^{C×D} and
-    ∂CE/∂b = (1/N) Σ_i (p_i − e_{y_i}) ∈ R^C, for ``features`` H [N, D], ``labels`` [N], ``weight`` W [C, D],
-    ``bias`` b [C] (None: 0). Rows are processed ``chunk_size`` at a time, so N may be a whole split.
-    Returns (∂CE/∂W, ∂CE/∂b).
+    ∂CE/∂b = (1/N) Σ_i (p_i − e_{y_i}) ∈ R^C, for ``features`` H [N, D], ``labels`` [N], ``weight`` W [C, D]
+    or a stack of K heads [K, C, D], ``bias`` b [C] / [K, C] (None: 0). Rows are processed ``chunk_size``
+    at a time, so N may be a whole split. Returns (∂CE/∂W, ∂CE/∂b), shaped like (``weight``, b).
     """
-    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
-        raise ValueError(f"need features [N, D] and weight [C, D], got {tuple(features.shape)} and "
-                         f"{tuple(weight.shape)}")
-    C = weight.shape[0]
+    single = weight.dim() == 2
+    w = (weight.unsqueeze(0) if single else weight).double().to(features.device)
+    if features.dim() != 2 or w.dim() != 3 or features.shape[1] != w.shape[2]:
+        raise ValueError(f"need features [N, D] and weight [C, D] or [K, C, D], got {tuple(features.shape)} "
+                         f"and {tuple(weight.shape)}")
+    K, C = w.shape[:2]
     labels = flow._check_labels(labels, features.shape[0], C)
-    w = weight.double().to(features.device)
-    b = torch.zeros(C, dtype=torch.float64, device=features.device) if bias is None else bias.double()
-    gw = torch.zeros_like(w)
-    gb = torch.zeros_like(b)
+    b = torch.zeros(K, C, dtype=torch.float64, device=features.device) if bias is None else \
+        bias.double().to(features.device).reshape(-1, C).expand(K, C)
+    gw, gb = torch.zeros_like(w), torch.zeros_like(b)
     for start in range(0, features.shape[0], chunk_size):
         h = features[start:start + chunk_size].double()
-        r = torch.softmax(h @ w.T + b, dim=1)
-        r[torch.arange(len(h)), labels[start:start + chunk_size]] -= 1.0
-        gw += r.T @ h
-        gb += r.sum(0)
+        r = torch.softmax(torch.einsum("nd,kcd->knc", h, w) + b[:, None], dim=2)  # [K, n, C]
+        r[:, torch.arange(len(h)), labels[start:start + chunk_size]] -= 1.0
+        gw += torch.einsum("knc,nd->kcd", r, h)
+        gb += r.sum(1)
     n = max(1, features.shape[0])
-    return gw / n, gb / n
+    gw, gb = gw / n, gb / n
+    return (gw[0], gb[0]) if single else (gw, gb)
+
+
+def _class_means64(features: Tensor, labels: Tensor, num_classes: int, chunk_size: int = 8192) -> Tensor:
+    """Per-class means in float64, converting ``chunk_size`` rows at a time (a whole split stays float32)."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    for start in range(0, features.shape[0], chunk_size):
+        sums.index_add_(0, labels[start:start + chunk_size], features[start:start + chunk_size].double())
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(f"classes without any sample: {(counts == 0).nonzero().flatten().tolist()}")
+    return sums / counts.double().unsqueeze(1)
 
 
 def _balanced_batch(labels: Tensor, num_classes: int, per_class: int, gen: torch.Generator) -> Tensor:
@@ -111,24 +124,29 @@ def lgm_flow_cosine(features: Tensor, labels: Tensor, num_classes: int, *, means
         raise ValueError(f"draws must be ≥ 1, got {draws}")
     labels = flow._check_labels(labels, features.shape[0], num_classes)
     if means is None:
-        means = flow.class_means(features.double(), labels, num_classes)
+        means = _class_means64(features, labels, num_classes)
     target = flow.real_flow(means.double().to(features.device))
     gen = torch.Generator().manual_seed(seed)
     rows = []
+    C, D = num_classes, features.shape[1]
     for k in images_per_class:
         if k < 0:
             raise ValueError(f"images_per_class must be ≥ 1 (or 0 for the whole split), got {k}")
-        for d in range(draws):
-            idx = None if k == 0 else _balanced_batch(labels.cpu(), num_classes, k, gen).to(features.device)
+        # the whole split is one batch: its heads of every draw go through one streaming pass
+        batches = [(range(draws), None)] if k == 0 else [
+            ([d], _balanced_batch(labels.cpu(), C, k, gen).to(features.device)) for d in range(draws)]
+        for ds, idx in batches:
             h = features if idx is None else features[idx]
             y = labels if idx is None else labels[idx]
-            batch_flow = flow.real_flow(flow.class_means(h.double(), y, num_classes))
-            for sigma in sigmas:
-                w = sigma * torch.randn(num_classes, features.shape[1], generator=gen, dtype=torch.float64)
-                g, _ = head_gradient(h, y, w.to(features.device))
-                rows.append({"sigma": float(sigma), "images_per_class": k or len(labels) / num_classes,
-                             "whole_split": k == 0, "draw": d, "cosine": _cos(g, target),
-                             "cosine_batch_flow": _cos(g, batch_flow)})
+            batch_flow = flow.real_flow(_class_means64(h, y, C))
+            heads = [(d, float(sigma)) for d in ds for sigma in sigmas]
+            w = torch.stack([sigma * torch.randn(C, D, generator=gen, dtype=torch.float64)
+                             for _, sigma in heads])
+            g, _ = head_gradient(h, y, w.to(features.device))
+            for (d, sigma), gk in zip(heads, g):
+                rows.append({"sigma": sigma, "images_per_class": k or len(labels) / C,
+                             "whole_split": k == 0, "draw": d, "cosine": _cos(gk, target),
+                             "cosine_batch_flow": _cos(gk, batch_flow)})
     return pd.DataFrame(rows)
 
 

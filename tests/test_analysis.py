@@ -90,6 +90,19 @@ def test_head_gradient_matches_autograd_and_loops(chunk_size):
     torch.testing.assert_close(gb, gb_loop, rtol=1e-12, atol=1e-14)
 
 
+def test_head_gradient_takes_a_stack_of_heads():
+    C, D = 3, 4
+    h, y = _clusters(C, 5, D, seed=5)
+    W = torch.randn(6, C, D, dtype=torch.float64)
+    b = torch.randn(6, C, dtype=torch.float64)
+    gw, gb = analysis.head_gradient(h, y, W, b, chunk_size=4)
+    assert gw.shape == (6, C, D) and gb.shape == (6, C)
+    for k in range(6):
+        one_w, one_b = analysis.head_gradient(h, y, W[k], b[k])
+        torch.testing.assert_close(gw[k], one_w, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gb[k], one_b, rtol=1e-12, atol=1e-14)
+
+
 def test_lgm_flow_cosine_orientation_and_limits():
     C, D = 6, 16
     h, y = _clusters(C, 50, D, spread=2.0)
