@@ -176,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("distill", help="distil IPC synthetic images per class from class statistics",
-                       description="Statistical flow matching: optimise synthetic images so that the flows between "
-                                   "their class means match the real flows. Writes safetensors ('images' "
-                                   "[N,3,H,W] in [0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
+                       description="Statistical flow matching (--method sfm, from --stats): optimise synthetic images "
+                                   "so that the flows between their class means match the real flows. Linear "
+                                   "gradient matching (--method lgm, from the real images of --dataset): match the "
+                                   "gradients of random linear heads. Writes safetensors ('images' [N,3,H,W] in "
+                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
     _common(p)
     p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "

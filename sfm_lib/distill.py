@@ -112,13 +112,12 @@ def _views(images: SyntheticImages, backbone: Backbone, augment: Augment, params
 
 def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augment: Augment,
                   params: AugmentParams, labels: torch.Tensor, slots: torch.Tensor, augs: int, crop: int,
-                  two_pass: bool = False, chunk_size: int = 256, layout: ViewLayout | None = None) -> torch.Tensor:
+                  two_pass: bool = False, chunk_size: int = 256) -> torch.Tensor:
     """Compute the loss of one step and accumulate its gradient into ``images``' parameters; returns the
     loss as a detached 0-d tensor on the device (no host sync).
 
-    Views are ordered copy-major: view v shows image v mod N under augmentation ``params[v]``. ``layout``
-    (the caller promises labels = arange(C).repeat_interleave(ipc), slots = arange(ipc).repeat(C)) lets
-    the objective take class means by a reshape; without it the general index path is used.
+    Views are ordered copy-major: view v shows image v mod N under augmentation ``params[v]``; the objective
+    gets labels[v mod N] and slots[v mod N] (and may use its ``layout`` instead, see :mod:`sfm_lib.objectives`).
 
     One pass: decode → augment → φ → loss → backward (the graph holds every view's activations).
     Two passes (memory does not grow with the number of views): (1) features z of all views without a
@@ -133,7 +132,7 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
     view_labels, view_slots = labels[view_img], slots[view_img]
     if not two_pass:
         z = _views(images, backbone, augment, params, view_img, crop)
-        loss = objective(z, view_labels, view_slots, layout)
+        loss = objective(z, view_labels, view_slots)
         loss.backward()
         return loss.detach()
     chunks = [torch.arange(s, min(s + chunk_size, n * augs), device=labels.device)
@@ -143,7 +142,7 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         z = torch.cat([_views(images, backbone, augment, params.select(c), view_img[c], crop,
                               rows=[p[view_img[c]] for p in tensors]) for c in chunks])
     z.requires_grad_(True)
-    loss = objective(z, view_labels, view_slots, layout)
+    loss = objective(z, view_labels, view_slots)
     (g,) = torch.autograd.grad(loss, z)
     for p in tensors:
         if p.grad is None:
@@ -291,6 +290,7 @@ class Distiller:
         self.labels = torch.arange(C, device=dev).repeat_interleave(cfg.ipc)  # class-major: the layout below
         self.slots = torch.arange(cfg.ipc, device=dev).repeat(C)
         self.layout = ViewLayout(cfg.augs, C, cfg.ipc)
+        objective.layout = self.layout  # the labels above are in this order: checked once, for the whole run
         self.num_views = C * cfg.ipc * cfg.augs
         self.image_gen = torch.Generator().manual_seed(cfg.seed)
         kw = {"grow_every": cfg.grow_every} if cfg.param == "pyramid" else {}
@@ -364,7 +364,7 @@ class Distiller:
             self.opt.zero_grad(set_to_none=True)
             loss = step_gradient(self.images, self.phi, self.objective, cfg.augment, params, self.labels,
                                  self.slots, cfg.augs, self.crop, two_pass=self.two_pass,
-                                 chunk_size=self.chunk_size, layout=self.layout)
+                                 chunk_size=self.chunk_size)
             if update:
                 for group in self.opt.param_groups:
                     group["lr"] = _lr_at(step, cfg.steps, self.lr, cfg.schedule)

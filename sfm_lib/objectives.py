@@ -6,8 +6,9 @@ An objective maps the features z [M, D] of M = A·N augmented synthetic views (v
 
 - ``method`` ("sfm" / "lgm"), ``num_classes``;
 - ``begin_step(backbone)``: draw what the step needs besides the synthetic views (LGM: a head, a real batch);
-- ``__call__(z, labels, slots, layout=None)`` → loss; ``layout`` (:class:`ViewLayout`) promises the
-  standard view order, so class means are a reshape (deterministic, no index_add, no host sync);
+- ``__call__(z, labels, slots)`` → loss; the attribute ``layout`` (:class:`ViewLayout`, set once per run
+  by the loop, which builds its labels in that order) makes class means a reshape (deterministic, no
+  index_add, no host sync) for inputs of the layout's size; None (the default): the general index path;
 - ``identity()``: everything of the objective that changes the result (resume compares it);
 - ``state_dict()`` / ``load_state_dict()``: its own state for exact resume.
 
@@ -58,6 +59,9 @@ class ViewLayout:
     num_classes: int
     ipc: int
 
+    def fits(self, z: Tensor) -> bool:
+        return z.dim() == 2 and z.shape[0] == self.augs * self.num_classes * self.ipc
+
     def check(self, z: Tensor) -> Tensor:
         m = self.augs * self.num_classes * self.ipc
         if z.dim() != 2 or z.shape[0] != m:
@@ -95,6 +99,7 @@ class SFMObjective:
         self.num_classes = self.C = stats.num_classes
         self.loss, self.subclass, self.ipc, self.ema = loss, subclass, ipc, ema
         self.running: Tensor | None = None
+        self.layout: ViewLayout | None = None
         means = stats.means.double()
         self.means = means.float().to(device)
         self.target = flow.real_flow(means).float().to(device)
@@ -115,7 +120,8 @@ class SFMObjective:
     def begin_step(self, backbone: Backbone | None = None) -> None:
         """Nothing to draw: the target is fixed."""
 
-    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor, layout: ViewLayout | None = None) -> Tensor:
+    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
+        layout = self.layout if self.layout is not None and self.layout.fits(z) else None
         if self.subclass:
             stat = (layout.subclass_means(z) if layout is not None
                     else flow.subclass_means(z, labels, slots, self.C, self.ipc))
@@ -145,7 +151,8 @@ def head_gradient(z: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
 
         ∂CE/∂W = (P − Y)ᵀ Z / N,   ∂CE/∂b = (P − Y)ᵀ 1 / N,   P = softmax(Z Wᵀ + b), Y one-hot
 
-    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z`` (LGM's synthetic side)."""
+    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z``
+    (LGM's synthetic side)."""
     dtype = torch.promote_types(torch.promote_types(z.dtype, weight.dtype), torch.float32)
     w = weight.detach().to(dtype).requires_grad_(True)
     b = bias.detach().to(dtype).requires_grad_(True)
@@ -274,6 +281,7 @@ class LGMObjective:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.g_real: Tensor | None = None
+        self.layout: ViewLayout | None = None  # unused: the head gradient needs per-view labels anyway
 
     def identity(self) -> dict[str, Any]:
         return {"head_std": self.head_std, "balanced": self.balanced, "real_augment": asdict(self.augment),
@@ -298,7 +306,7 @@ class LGMObjective:
         gw, gb = head_gradient(z, y, self.weight, self.bias)
         self.g_real = torch.cat([gw.flatten(), gb]).detach()
 
-    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor, layout: ViewLayout | None = None) -> Tensor:
+    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
         if self.g_real is None:
             raise RuntimeError("LGMObjective: call begin_step() before the loss (it draws the head and real batch)")
         gw, gb = head_gradient(z, labels, self.weight, self.bias, create_graph=True)

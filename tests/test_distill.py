@@ -331,11 +331,15 @@ def test_objectives_read_nothing_back_to_the_host(lite0, toy_stats, monkeypatch)
     labels = torch.arange(C).repeat(2)
     for kw in ({}, {"ema": 0.5}, {"subclass": True, "ipc": 1}):
         obj = distill.SFMObjective(toy_stats, lite0.device, **kw)
+        obj.layout = ViewLayout(2, C, 1)
         monkeypatch.setattr(torch.Tensor, "item", forbidden)
         monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
-        obj(z, labels, labels * 0, ViewLayout(2, C, 1))
+        obj(z, labels, labels * 0)
+        obj(z, labels, labels * 0)
         monkeypatch.undo()
+    with pytest.raises(AssertionError, match="host sync"):  # guard: the general path does read back
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        distill.SFMObjective(toy_stats, lite0.device)(z, labels, labels * 0)
 
 
 def test_resume_names_every_difference(lite0, toy_stats, tmp_path):
@@ -405,3 +409,19 @@ def test_memory_plan_on_cpu_is_explicit(lite0, toy_stats):
     cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES, two_pass=True, chunk_size=7)
     d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), cfg, toy_stats.classes)
     assert d.plan_memory() == (True, 7)
+
+
+def test_memory_plan_on_cuda_from_free_memory(lite0, toy_stats, monkeypatch):
+    """The automatic plan with a stand-in for the CUDA queries: one pass when all views fit in 80 % of the
+    free memory (after images, gradients, Adam state), else two-pass with the largest chunk that fits."""
+    cfg = distill.DistillConfig(ipc=2, steps=1, resolution=RES, augs=4)  # 24 views
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device, ipc=2), cfg, toy_stats.classes)
+    fixed = 4 * C * 2 * 3 * RES * RES * 4
+    monkeypatch.setattr(d, "_bytes_per_view", lambda: 1000.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    for free, expected in [((fixed + 24_000) / 0.8 + 10, (False, 24)), ((fixed + 10_000) / 0.8 + 10, (True, 10))]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None, f=free: (int(f), 10**12))
+        d.two_pass, d.chunk_size = None, None
+        assert d.plan_memory() == expected
+    d.two_pass, d.chunk_size = True, None  # an explicit two-pass keeps its setting, the chunk is planned
+    assert d.plan_memory() == (True, 10)

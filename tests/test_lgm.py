@@ -72,7 +72,8 @@ def test_stream_covers_each_epoch_once_and_resumes(toy_real):
     t = RealStream(toy_real, 5, seed=3)
     t.load_state_dict(state)
     assert torch.equal(t.next_indices(), nxt)
-    assert not torch.equal(RealStream(toy_real, 5, seed=4).next_indices(), RealStream(toy_real, 5, seed=3).next_indices())
+    other_seed = RealStream(toy_real, 5, seed=4).next_indices()
+    assert not torch.equal(other_seed, RealStream(toy_real, 5, seed=3).next_indices())
     balanced = RealStream(toy_real, 6, seed=0, balanced=True)
     for _ in range(5):
         assert torch.bincount(toy_real.targets[balanced.next_indices()], minlength=C).tolist() == [2, 2, 2]
