@@ -172,7 +172,7 @@ def flow_cosine(table, ax=None, title: str | None = None):
     ax.set_xlabel("real images per class in the batch (rightmost: the whole split)")
     ax.set_ylabel("cos(∂CE/∂W, real flow F)")
     ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
-    ax.legend(title="head W ~ N(0, σ²)", fontsize=8)
+    ax.legend(title="head W ~ N(0, σ²)", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if title:
         ax.set_title(title)
     return ax
