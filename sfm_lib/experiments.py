@@ -145,3 +145,104 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
             rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
                          "top1_std": probe.top1_std, "final_loss": hist[-1]})
     return pd.DataFrame(rows)
+
+
+__all__ += ["StepClock", "method_comparison"]
+
+
+class StepClock:
+    """A distillation ``callback`` that times the run from its own creation (create it just before the
+    call, so set-up counts too). Given ``budget_s`` it also keeps the images decoded after the last step
+    that ended within that many seconds: ``images`` (None while no step fits), ``steps`` (how many steps
+    that was) and ``elapsed_s`` (when it ended). :meth:`total_s` is the time since creation."""
+
+    def __init__(self, budget_s: float | None = None):
+        import time
+
+        self._now = time.perf_counter
+        self.budget_s, self.start = budget_s, self._now()
+        self.steps, self.elapsed_s, self.images = 0, 0.0, None
+
+    def total_s(self) -> float:
+        return self._now() - self.start
+
+    def __call__(self, step: int, loss: float, images) -> None:
+        now = self.total_s()
+        if self.budget_s is None or now <= self.budget_s:
+            self.steps, self.elapsed_s = step + 1, now
+            if self.budget_s is not None:
+                with torch.no_grad():
+                    self.images = images.decode().float().cpu()
+
+
+def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *, ipc: int = 1,
+                      steps: int = 300, distill_seeds: Sequence[int] = (0, 1),
+                      probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, views: int = 40,
+                      base: Mapping[str, Any] | None = None, progress: bool = False) -> "pd.DataFrame":
+    """Accuracy of several distillation methods at equal steps and at equal wall time.
+
+    ``methods``: label → keyword arguments of :func:`distilled` (e.g. ``{"SFM": {}, "LGM": {"method":
+    "lgm", "augs": 3}}``), each updated over ``base`` (the shared image parameterisation, augmentation and
+    start). For every distillation seed, the first method (the reference) runs ``steps`` steps and its wall
+    time T (set-up included) is the budget. Every other method also runs ``steps`` steps ("equal steps"),
+    and its images after the last step that ended within T are its "equal time" result (its start images if
+    no step fits; its full run if it is faster than the reference). All runs happen in this call, one after
+    the other on the same machine, so their times are comparable. Each result is probed with
+    ``probe_seeds`` (:func:`sfm_lib.evaluate.linear_probe`).
+
+    One row per (method, comparison, distillation seed): ``method``, ``comparison`` ("equal steps" or
+    "equal time"), ``ipc``, ``distill_seed``, ``steps``, ``time_s``, ``top1_mean``, ``top1_std``.
+    """
+    import pandas as pd
+
+    if not methods:
+        raise ValueError("methods is empty: give at least one label → keyword arguments")
+    rows = []
+    probe = dict(epochs=epochs, seeds=tuple(probe_seeds), views=views)
+    for seed in distill_seeds:
+        budget = None
+        for label, kw in methods.items():
+            args = {**(base or {}), **kw, "ipc": ipc, "steps": steps, "seed": seed, "progress": progress}
+            clock = StepClock(budget)
+            full = distilled(ctx, callback=clock, **args)
+            runs = [("equal steps", full, steps, clock.total_s())]
+            if budget is None:  # the reference sets the budget
+                budget = runs[0][3]
+                runs.append(("equal time", full, steps, budget))
+            elif clock.steps == steps:
+                runs.append(("equal time", full, steps, runs[0][3]))
+            else:
+                cut = distilled(ctx, **{**args, "steps": 0}) if clock.images is None else \
+                    dataclasses.replace(full, images=clock.images, meta={**full.meta, "steps": clock.steps})
+                runs.append(("equal time", cut, clock.steps, clock.elapsed_s))
+            scores: dict[int, evaluate.ProbeResult] = {}
+            for comparison, result, n, t in runs:
+                if id(result) not in scores:  # the same images are probed once
+                    scores[id(result)] = evaluate.linear_probe(ctx.backbone, result, ctx.test,
+                                                               ctx.resolution, **probe)
+                score = scores[id(result)]
+                rows.append({"method": label, "comparison": comparison, "ipc": ipc, "distill_seed": seed,
+                             "steps": n, "time_s": round(t, 2), "top1_mean": score.top1_mean,
+                             "top1_std": score.top1_std})
+    return pd.DataFrame(rows)
+
+
+__all__ += ["recorded_costs"]
+
+
+def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:
+    """The ``python -m sfm_lib bench methods`` results committed as JSON under ``folder`` (default: the
+    ``results/`` folder of the repository this package sits in; none when installed elsewhere), as
+    ``"<gpu or device> (<file name>)"`` → the JSON. Files that are not such results are skipped."""
+    from pathlib import Path
+
+    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results"
+    found = {}
+    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and isinstance(content.get("runs"), dict) and "sfm_A1" in content["runs"]:
+            found[f"{content.get('gpu') or content.get('device', '?')} ({path.name})"] = content
+    return found

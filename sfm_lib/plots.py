@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid", "agreement"]
+__all__ += ["flow_cosine", "step_cosines", "method_costs"]
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
@@ -150,3 +151,75 @@ def agreement(cosines: dict[str, torch.Tensor], ax=None, title: str | None = Non
     if title:
         ax.set_title(title)
     return ax
+
+
+def flow_cosine(table, ax=None, title: str | None = None):
+    """Cosine between the LGM head gradient and the real flow against the images per class in the batch
+    (log scale), one line per head standard deviation σ: mean over draws, with a band of ± one std.
+    ``table``: the DataFrame of :func:`sfm_lib.analysis.lgm_flow_cosine`."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    for sigma, rows in table.groupby("sigma"):
+        agg = rows.groupby("images_per_class")["cosine"].agg(["mean", "std"]).fillna(0.0)
+        x = agg.index.to_numpy(dtype=float)
+        label = "σ = 0" if sigma == 0 else f"σ = {sigma:g}"
+        line, = ax.plot(x, agg["mean"], marker="o", label=label)
+        ax.fill_between(x, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("real images per class in the batch (rightmost: the whole split)")
+    ax.set_ylabel("cos(∂CE/∂W, real flow F)")
+    ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
+    ax.legend(title="head W ~ N(0, σ²)", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def step_cosines(table, ax=None, title: str | None = None):
+    """One box per method: the cosines between its image gradients at consecutive steps (1: the step
+    points the same way as the last one). ``table``: the DataFrame of
+    :func:`sfm_lib.analysis.step_to_step_cosine`."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 2.5))
+    names = list(dict.fromkeys(table["method"]))
+    ax.boxplot([table.loc[table["method"] == n, "cosine_next"].to_numpy() for n in names], vert=False,
+               widths=0.6)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("cos(∂L/∂x at step t, ∂L/∂x at step t+1), same images x")
+    ax.set_xlim(min(0.0, float(table["cosine_next"].min())) - 0.05, 1.02)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def method_costs(results, title: str | None = None):
+    """Bars of the time per step and the peak memory of each configuration of ``bench methods``, relative
+    to SFM at A = 1 of the same run, one colour per run. ``results``: label → the JSON of a run (with
+    ``"runs"``: name → {``median_s``, ``peak_gib``}). Relative values let a CPU and a GPU run share axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(results)
+    names = list(dict.fromkeys(n for r in results.values() for n in r["runs"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    width = 0.8 / max(1, len(labels))
+    for ax, key, what in [(axes[0], "median_s", "time per step"), (axes[1], "peak_gib", "peak memory")]:
+        for j, label in enumerate(labels):
+            runs = results[label]["runs"]
+            ref = runs.get("sfm_A1", {}).get(key) or float("nan")
+            vals = [runs[n][key] / ref if n in runs else float("nan") for n in names]
+            ax.bar(np.arange(len(names)) + (j - (len(labels) - 1) / 2) * width, vals, width, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel(f"{what} (× SFM, A = 1)")
+        ax.axhline(1.0, color="0.6", lw=0.8)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -16,6 +16,9 @@ CHAPTERS = {
     "03_evaluation.ipynb": dict(steps=3, distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2, ipc_large=2,
                                 steps_large=2, ablations=["loss"], eval_backbones=["effnet_lite1"],
                                 cross_images_per_class=20),
+    "04_vs_gradient_matching.ipynb": dict(batch_sizes=[1, 3, 0], draws=2, grad_steps=2, lgm_augs=1, steps=2,
+                                          distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2,
+                                          bench_steps=1),
 }
 
 

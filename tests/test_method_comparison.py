@@ -1,0 +1,83 @@
+"""experiments.method_comparison: equal steps and equal wall time, on a fake clock and fake runs."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sfm_lib import evaluate, experiments
+from sfm_lib.data import DistilledSet
+
+
+class _FakeImages:
+    def __init__(self, value: float):
+        self.value = value
+
+    def decode(self) -> torch.Tensor:
+        return torch.full((2, 3, 4, 4), self.value)
+
+
+@pytest.fixture
+def fake_world(monkeypatch):
+    """A clock that only moves when a fake run spends ``cost`` seconds per step; the images after step k
+    hold the value k; a probe scores images by their mean value."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def distilled(ctx, *, steps, cost=1.0, callback=None, **kw):
+        calls.append({"steps": steps, "cost": cost, **kw})
+        for step in range(steps):
+            now[0] += cost
+            if callback is not None:
+                callback(step, 0.0, _FakeImages(step + 1.0))
+        return DistilledSet(torch.full((2, 3, 4, 4), float(steps)), torch.arange(2), ["a", "b"],
+                            {"steps": steps})
+
+    def probe(backbone, result, test, resolution, *, epochs, seeds, views):
+        return evaluate.ProbeResult([float(result.images.mean())] * len(seeds), list(seeds))
+
+    monkeypatch.setattr(experiments, "distilled", distilled)
+    monkeypatch.setattr(evaluate, "linear_probe", probe)
+    ctx = experiments.Context(None, None, None, None, 8)
+    return ctx, calls
+
+
+def test_equal_time_cuts_slower_methods_at_the_reference_budget(fake_world):
+    ctx, calls = fake_world
+    methods = {"ref": {"cost": 1.0}, "slow": {"cost": 2.5}, "fast": {"cost": 0.5}, "too slow": {"cost": 7.0}}
+    df = experiments.method_comparison(ctx, methods, steps=6, distill_seeds=(0, 1), probe_seeds=(0, 1),
+                                       base={"init": "real"})
+    assert len(df) == 4 * 2 * 2
+    assert all(c["init"] == "real" for c in calls)
+    got = df.set_index(["method", "comparison", "distill_seed"])
+    for seed in (0, 1):
+        assert got.loc[("ref", "equal steps", seed), "steps"] == 6
+        assert got.loc[("ref", "equal time", seed), "time_s"] == 6.0
+        # 2.5 s a step within the reference's 6 s: two steps, ended at 5 s; their images score 2
+        assert got.loc[("slow", "equal steps", seed)][["steps", "time_s", "top1_mean"]].tolist() == [6, 15.0, 6.0]
+        assert got.loc[("slow", "equal time", seed)][["steps", "time_s", "top1_mean"]].tolist() == [2, 5.0, 2.0]
+        # faster than the reference: its full run
+        assert got.loc[("fast", "equal time", seed)][["steps", "time_s", "top1_mean"]].tolist() == [6, 3.0, 6.0]
+        # no step fits: the start images (a 0-step run)
+        assert got.loc[("too slow", "equal time", seed)][["steps", "top1_mean"]].tolist() == [0, 0.0]
+    assert sorted(df.distill_seed.unique()) == [0, 1] and (df.ipc == 1).all()
+
+
+def test_method_comparison_needs_methods(fake_world):
+    ctx, _ = fake_world
+    with pytest.raises(ValueError, match="methods is empty"):
+        experiments.method_comparison(ctx, {})
+
+
+def test_recorded_costs_reads_bench_methods_results_only(tmp_path):
+    import json
+
+    run = {"runs": {"sfm_A1": {"median_s": 0.04, "peak_gib": 7.0}}, "ratios": {"time": 13.2, "memory": 8.9},
+           "device": "cuda", "gpu": "NVIDIA H200", "command": "python -m sfm_lib bench methods"}
+    (tmp_path / "h200.json").write_text(json.dumps(run))
+    (tmp_path / "other.json").write_text(json.dumps({"top1": [1.0]}))
+    (tmp_path / "broken.json").write_text("{")
+    assert experiments.recorded_costs(str(tmp_path)) == {"NVIDIA H200 (h200.json)": run}
+    assert experiments.recorded_costs(str(tmp_path / "missing")) == {}
