@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
-           "png_bytes", "dataset_bytes", "storage_report", "comparison", "FIT_SETS", "DEFAULT_ALPHA"]
+           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "prepare_side", "comparison",
+           "FIT_SETS", "DEFAULT_ALPHA"]
 
 DEFAULT_ALPHA = 1e-2
 """Default ridge strength α (λ = α · mean variance-sum per input dimension, see the module doc)."""
@@ -254,6 +255,38 @@ def storage_report(classifier: InheritedClassifier, images: DistilledSet | Tenso
     return {"W": own["W"], "b": own["b"], "P": own["P"], "inherited": own["total"],
             "images_png": png_bytes(x), "images_uint8": x.numel(), "images_float32": 4 * x.numel(),
             "n_images": int(x.shape[0])}
+
+
+# ------------------------------------------------------------------------------------------ other side
+def per_class_split(dataset: Dataset, images_per_class: int) -> Dataset:
+    """The first ``images_per_class`` images of every class as a dataset of its own, named
+    ``<name>-<N>pc`` with the same split, so its features and statistics are cached on disk like a whole
+    split (a ``Subset`` never is). Datasets not held in memory give :func:`sfm_lib.data.subset_per_class`."""
+    from . import data as data_mod
+
+    sub = data_mod.subset_per_class(dataset, images_per_class)
+    if not isinstance(dataset, data_mod.TensorImageDataset):
+        return sub
+    idx = torch.as_tensor(sub.indices, dtype=torch.long)
+    out = data_mod.TensorImageDataset(dataset.images[idx], dataset.targets[idx], dataset.classes,
+                                      f"{dataset.name}-{images_per_class}pc")
+    out.split = getattr(dataset, "split", "train")
+    return out
+
+
+def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, *,
+                 progress: bool = False) -> Any:
+    """A second :class:`sfm_lib.experiments.Context` beside ``ctx``: the same data and resolution with
+    another backbone (loaded on ``ctx.backbone``'s device), its class statistics and feature cache on the
+    first ``images_per_class`` training images of each class (0: all of ``ctx.train``)."""
+    from . import backbones as backbones_mod
+    from . import stats as stats_mod
+    from .experiments import Context
+
+    phi = backbone if isinstance(backbone, Backbone) else backbones_mod.load(backbone, ctx.backbone.device)
+    train = per_class_split(ctx.train, images_per_class) if images_per_class else ctx.train
+    st = stats_mod.cached_extract(phi, train, ctx.resolution, cache_features=True, progress=progress)
+    return Context(train, ctx.test, phi, st, ctx.resolution)
 
 
 # ------------------------------------------------------------------------------------------- comparison

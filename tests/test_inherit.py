@@ -278,3 +278,40 @@ def test_probe_pieces_compose_to_linear_probe(tiny, splits):
     assert torch.equal(W, ref.weights[0]) and torch.equal(b, ref.weights[1])
     with pytest.raises(ValueError, match="one of each"):
         evaluate.fit_probes(feats[:2], labels, C, epochs=6, seeds=seeds)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnist_dir, monkeypatch):
+    import json
+
+    from sfm_lib.cli import main
+
+    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))  # 300 train / 100 test images: fast full splits
+    with pytest.raises(SystemExit) as info:
+        main(["inherit", "--help"])
+    assert info.value.code == 0 and "--eval-backbone" in capsys.readouterr().out
+    g = torch.Generator().manual_seed(0)
+    dpath = tmp_path / "d.safetensors"
+    DistilledSet(torch.rand(10, 3, 32, 32, generator=g), torch.arange(10), [str(i) for i in range(10)],
+                 {"backbone": "effnet_lite0", "method": "sfm", "ipc": 1}).save(dpath)
+    out, clf_path = tmp_path / "inherit.json", tmp_path / "clf.safetensors"
+    common = ["inherit", "--distilled", str(dpath), "--resolution", "32", "--device", "cpu", "--views", "3",
+              "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1"]
+    assert main(common + ["--distill-backbone", "effnet_lite0", "--eval-backbone", "effnet_lite1",
+                          "--json", str(out), "--save", str(clf_path)]) == 0
+    got = json.loads(out.read_text())
+    assert {"inherited", "normal_probe", "full_data", "storage_bytes"} <= got.keys()
+    for key in ("inherited", "normal_probe", "full_data"):
+        assert 0 <= got[key]["top1"] <= 100, key
+    assert got["inherited"]["eval_backbone"] == "effnet_lite1" and got["full_data"]["n_train"] == 300
+    st = got["storage_bytes"]
+    assert st["W"] == 10 * 1280 * 4 and st["P"] == (1280 * 1280 + 1280) * 4
+    assert st["images_uint8"] == 10 * 3 * 32 * 32 and st["images_float32"] == 4 * st["images_uint8"]
+    clf = InheritedClassifier.load(clf_path)
+    assert clf.meta["distill_backbone"] == "effnet_lite0" and clf.proj_weight.shape == (1280, 1280)
+    assert "inherited" in capsys.readouterr().out
+    # bad input: a clear message and status 2
+    assert main(common + ["--distill-backbone", "effnet_lite2"]) == 2
+    assert "--distill-backbone effnet_lite0" in capsys.readouterr().err
+    assert main(common + ["--distill-backbone", "effnet_lite0", "--dataset", "cifar100"]) == 2
+    assert "error:" in capsys.readouterr().err
