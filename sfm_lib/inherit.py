@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
-           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "prepare_side", "comparison",
+           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "prepare_side", "comparison", "summary",
            "FIT_SETS", "DEFAULT_ALPHA"]
 
 DEFAULT_ALPHA = 1e-2
@@ -67,17 +67,24 @@ def _golden_weights(golden: evaluate.ProbeResult | tuple[Tensor, Tensor]) -> tup
 
 # -------------------------------------------------------------------------------------------- projector
 def paired_view_features(distill_backbone: Backbone, eval_backbone: Backbone, images: Tensor, resolution: int,
-                         views: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+                         views: int, seed: int = 0, *, cache: dict | None = None,
+                         cache_key: Any = None) -> tuple[Tensor, Tensor]:
     """φ_e and φ_d features of the same ``views`` views of every image: (Z_e [N·K, D_e], Z_d [N·K, D_d]), row
     j·K + k the k-th view of image j. Views from :func:`sfm_lib.evaluate.view_features` with one ``seed`` for
     both backbones, so both see identical crops (view 0 un-augmented, the others flip + random resized crop).
+    ``cache`` (a dict) with ``cache_key`` (naming the images) keeps each backbone's features for later calls.
     """
-    z_e = evaluate.view_features(eval_backbone, images, resolution, views, seed)
-    if eval_backbone is distill_backbone:
-        z_d = z_e
-    else:
-        z_d = evaluate.view_features(distill_backbone, images, resolution, views, seed)
-    return z_e.flatten(0, 1), z_d.flatten(0, 1)
+    def feats(bb: Backbone) -> Tensor:
+        key = (cache_key, bb.name, resolution, views, seed)
+        if cache is not None and cache_key is not None and key in cache:
+            return cache[key]
+        z = evaluate.view_features(bb, images, resolution, views, seed).flatten(0, 1)
+        if cache is not None and cache_key is not None:
+            cache[key] = z
+        return z
+
+    z_e = feats(eval_backbone)
+    return z_e, (z_e if eval_backbone is distill_backbone else feats(distill_backbone))
 
 
 def fit_projector(z_e: Tensor, z_d: Tensor, alpha: float = DEFAULT_ALPHA) -> tuple[Tensor, Tensor, float]:
@@ -206,16 +213,19 @@ def _images(source: DistilledSet | Dataset | Tensor) -> Tensor:
 def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbone: Backbone,
             eval_backbone: Backbone, images: DistilledSet | Dataset | Tensor, resolution: int, *,
             views: int = 100, seed: int = 0, alpha: float = DEFAULT_ALPHA,
-            classes: Sequence[str] | None = None) -> InheritedClassifier:
-    """Fit P on ``views`` views of ``images`` (no labels used; default the distilled set) and compose it with
-    the golden (W, b) of φ_d = ``distill_backbone``. Stored in float32."""
+            classes: Sequence[str] | None = None, cache: dict | None = None,
+            cache_key: Any = None) -> InheritedClassifier:
+    """Fit P on ``views`` views of ``images`` (no labels used; normally the distilled set) and compose it
+    with the golden (W, b) of φ_d = ``distill_backbone``. Stored in float32. ``cache``/``cache_key``: see
+    :func:`paired_view_features`."""
     W, b = _golden_weights(golden)
     if W.shape[1] != distill_backbone.feature_dim:
         raise ValueError(f"the golden classifier has {W.shape[1]} inputs but {distill_backbone.name} gives "
                          f"{distill_backbone.feature_dim} features; pass the distillation backbone it was "
                          f"trained with")
     x = _images(images)
-    z_e, z_d = paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed)
+    z_e, z_d = paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
+                                    cache_key=cache_key)
     A, c, lam = fit_projector(z_e, z_d, alpha)
     if classes is None:
         classes = getattr(images, "classes", None) or [str(i) for i in range(W.shape[0])]
@@ -299,7 +309,8 @@ def _projector_r2(clf: InheritedClassifier, z_e: Tensor, z_d: Tensor) -> float:
 def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], test: Dataset, resolution: int,
                pairs: Sequence[tuple], *, ipc: int = 1, views: int = 100, alpha: float = DEFAULT_ALPHA,
                seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
-               full_epochs: int = 10, progress: bool = False) -> "pd.DataFrame":
+               full_epochs: int = 10, progress: bool = False,
+               keep: dict | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
     ``sides``: backbone name → an object with ``.backbone``, ``.train`` (and optionally ``.stats``), e.g. an
@@ -315,13 +326,15 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     ``method``, ``fit_on``, ``top1``, ``top1_std`` (over probe seeds; 0 for one inherited classifier),
     ``golden_top1``, ``projector_r2`` (1 − relative squared error of P(φ_e) against φ_d on the test split),
     ``identity_gap`` (‖A − I‖_F / ‖I‖_F when φ_e = φ_d), ``storage_bytes`` (what must be kept: W, b and P
-    in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``.
+    in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``. ``keep``: a dict
+    that receives every inherited classifier under (φ_d name, φ_e name, fit set).
     """
     import time
 
     import pandas as pd
 
     full: dict[str, evaluate.ProbeResult] = {}
+    view_cache: dict = {}  # view features of each image set, per backbone, shared by the pairs
 
     def full_probe(name: str) -> evaluate.ProbeResult:
         if name not in full:
@@ -354,7 +367,9 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                 images = evaluate.centroid_subset(phi_d, sides[d].train, resolution, ipc,
                                                   stats=getattr(sides[d], "stats", None), progress=progress)
             clf = inherit(golden, phi_d, phi_e, images, resolution, views=views, seed=seed, alpha=alpha,
-                          classes=dset.classes)
+                          classes=dset.classes, cache=view_cache, cache_key=(d, fit))
+            if keep is not None:
+                keep[(d, e, fit)] = clf
             z_e, y = test_feats[e]
             gap = (float(torch.linalg.matrix_norm(clf.proj_weight.double() - torch.eye(clf.eval_dim,
                                                                                      dtype=torch.float64))
@@ -378,3 +393,25 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     columns = ["distill_backbone", "eval_backbone", "method", "fit_on", "top1", "top1_std", "golden_top1",
                "projector_r2", "identity_gap", "storage_bytes", "time_s"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def summary(table: "pd.DataFrame") -> "pd.DataFrame":
+    """One row per (φ_d, φ_e) pair of a :func:`comparison` table: top-1 of the inherited classifier per fit
+    set (``inherited``, ``inherited_random``, ``inherited_centroids`` where present), the ``normal_probe``,
+    the ``full_data`` probe on φ_e, ``of_full_data`` = 100 · inherited / full_data and ``over_normal`` =
+    inherited − normal_probe (points)."""
+    import pandas as pd
+
+    rows = []
+    for (d, e), g in table.groupby(["distill_backbone", "eval_backbone"], sort=False):
+        row: dict[str, Any] = {"distill_backbone": d, "eval_backbone": e}
+        for _, r in g.iterrows():
+            if r["method"] == "inherited":
+                row["inherited" if r["fit_on"] == "distilled" else f"inherited_{r['fit_on']}"] = r["top1"]
+            else:
+                row["normal_probe" if r["method"] == "normal probe" else "full_data"] = r["top1"]
+        if "inherited" in row:
+            row["of_full_data"] = 100.0 * row["inherited"] / row["full_data"]
+            row["over_normal"] = row["inherited"] - row["normal_probe"]
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -21,6 +21,7 @@ from sfm_lib.inherit import (
     paired_view_features,
     png_bytes,
     storage_report,
+    summary,
 )
 
 C, SIDE, RES = 4, 16, 32
@@ -246,9 +247,26 @@ def test_comparison_rows(tiny, mixed, splits):
     sides = {"tiny": SimpleNamespace(backbone=tiny, train=train, stats=None),
              "tiny_mixed": SimpleNamespace(backbone=mixed, train=train, stats=None)}
     dset = _distilled(train)
+    kept = {}
     df = comparison(sides, {"tiny": dset}, test, RES,
                     [("tiny", "tiny", ("distilled", "random", "centroids")), ("tiny", "tiny_mixed")],
-                    views=4, probe_seeds=(0, 1), epochs=3, probe_views=2, full_epochs=2)
+                    views=4, probe_seeds=(0, 1), epochs=3, probe_views=2, full_epochs=2, keep=kept)
+    assert sorted(kept) == [("tiny", "tiny", "centroids"), ("tiny", "tiny", "distilled"), ("tiny", "tiny", "random"),
+                            ("tiny", "tiny_mixed", "distilled")]
+    z, y = evaluate.features_mod.compute(mixed, test, RES, progress=False)
+    assert df.iloc[5]["top1"] == kept[("tiny", "tiny_mixed", "distilled")].accuracy(z, y)
+    summ = summary(df)
+    assert list(summ["eval_backbone"]) == ["tiny", "tiny_mixed"]
+    assert summ.iloc[0]["inherited_random"] == df.iloc[1]["top1"]
+    assert summ.iloc[1]["over_normal"] == pytest.approx(df.iloc[5]["top1"] - df.iloc[6]["top1"])
+    assert summ.iloc[0]["of_full_data"] == pytest.approx(100 * df.iloc[0]["top1"] / df.iloc[4]["top1"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sfm_lib import plots
+
+    ax = plots.accuracy_vs_storage(df, title="t")
+    assert len(ax.collections) >= len(df)
     assert list(df["method"]) == ["inherited"] * 3 + ["normal probe", "full-data probe", "inherited",
                                                        "normal probe", "full-data probe"]
     assert list(df["fit_on"][:3]) == ["distilled", "random", "centroids"]
