@@ -16,6 +16,8 @@ CHAPTERS = {
     "03_evaluation.ipynb": dict(steps=3, distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2, ipc_large=2,
                                 steps_large=2, ablations=["loss"], eval_backbones=["effnet_lite1"],
                                 cross_images_per_class=20),
+    "05_classifier_inheritance.ipynb": dict(other_backbone="effnet_lite1", other_images_per_class=20, steps=3,
+                                            other_steps=2, views=3, probe_seeds=[0], epochs=5, probe_views=2),
 }
 
 
