@@ -1,4 +1,4 @@
-"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench} ...`` (``--help`` on each)."""
+"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench,inherit} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -179,6 +179,78 @@ def _cmd_repro(a: argparse.Namespace) -> None:
     results = repro.run(a.preset, a.out, overrides, only=only, timeout=a.timeout)
     print(f"wrote {a.out}: {len(results['chapters'])} finished chapters, results.json, figures/")
 
+# ---------------------------------------------------------------------------------------------- inherit
+def _cmd_inherit(a: argparse.Namespace) -> None:
+    from . import backbones, data, distill, evaluate, features, inherit
+
+    ds = distill.DistilledSet.load(a.distilled)
+    made_with = ds.meta.get("backbone")
+    if made_with not in (None, a.distill_backbone):
+        raise CliError(f"{a.distilled} was distilled with {made_with}, not --distill-backbone "
+                       f"{a.distill_backbone}; pass --distill-backbone {made_with}")
+    train = data.load(a.dataset, "train", root=a.data_root, download=a.download)
+    test = data.load(a.dataset, "test", root=a.data_root, download=a.download)
+    if len(ds.classes) != len(test.classes):
+        raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
+    if a.images_per_class:
+        train = inherit.per_class_split(train, a.images_per_class)
+    phi_d = backbones.load(a.distill_backbone, a.device)
+    same = a.eval_backbone == a.distill_backbone
+    phi_e = phi_d if same else backbones.load(a.eval_backbone, a.device)
+    full_kw = dict(seeds=(0,), epochs=a.full_epochs)
+    golden = inherit.golden_classifier(phi_d, train, test, a.resolution, **full_kw)
+    alpha = inherit.DEFAULT_ALPHA if a.alpha is None else a.alpha
+    clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alpha)
+    clf.meta.update(distilled=a.distilled, dataset=a.dataset, golden_top1=golden.top1[0])
+    z_e, y = features.compute(phi_e, test, a.resolution, progress=False)
+    normal = evaluate.linear_probe(phi_e, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
+                                   views=a.probe_views)
+    full = golden if same else evaluate.full_data_probe(phi_e, train, test, a.resolution, **full_kw)
+    payload = {"inherited": {"top1": clf.accuracy(z_e, y), "golden_top1": golden.top1[0], **clf.meta},
+               "normal_probe": {"top1": normal.top1_mean, "top1_std": normal.top1_std, "seeds": normal.seeds},
+               "full_data": {"top1": full.top1_mean, "backbone": a.eval_backbone, "n_train": len(train)},
+               "storage_bytes": inherit.storage_report(clf, ds)}
+    if a.save:
+        clf.save(a.save)
+    print(f"{a.distill_backbone} -> {a.eval_backbone}: inherited {payload['inherited']['top1']:.2f} %, normal probe "
+          f"{normal.top1_mean:.2f} ± {normal.top1_std:.2f} %, full-data probe {full.top1_mean:.2f} % "
+          f"(W, b, P: {payload['storage_bytes']['inherited']} bytes; images as PNG "
+          f"{payload['storage_bytes']['images_png']} bytes)" + (f"; wrote {a.save}" if a.save else ""))
+    _json_out(a.json, payload)
+
+
+def _inherit_parser(sub) -> None:
+    p = sub.add_parser("inherit", help="classifier inheritance: golden classifier of the distillation backbone "
+                                       "through a projector fitted on the distilled images",
+                       description="Train the golden classifier (a linear probe on the whole real training split "
+                                   "with --distill-backbone), fit a linear projector from --eval-backbone features "
+                                   "to --distill-backbone features on augmented views of the distilled images (ridge "
+                                   "least squares, no labels), and score W·P(phi_e(x)) + b on the real test split, "
+                                   "beside a normal probe on the distilled images and the full-data probe with "
+                                   "--eval-backbone.")
+    p.add_argument("--distilled", required=True, help="distilled set from `python -m sfm_lib distill`")
+    p.add_argument("--distill-backbone", default="effnet_lite0", help="backbone of the golden classifier (phi_d)")
+    p.add_argument("--eval-backbone", default="effnet_lite0", help="backbone the classifier reads (phi_e)")
+    p.add_argument("--dataset", default="fashion_mnist",
+                   help="fashion_mnist (offline default), mnist, cifar10, cifar100 or imagefolder:PATH")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (optional)")
+    p.add_argument("--download", action="store_true", help="download the dataset (needs internet)")
+    p.add_argument("--resolution", type=int, default=64, help="backbone input resolution in pixels")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--images-per-class", type=int, default=0,
+                   help="train the golden classifier and full-data probe on the first N images per class (0: all)")
+    p.add_argument("--views", type=int, default=100, help="augmented views per distilled image to fit the projector")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="relative ridge strength of the projector (default sfm_lib.inherit.DEFAULT_ALPHA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projector's views")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds of the normal probe")
+    p.add_argument("--epochs", type=int, default=1000, help="epochs of the normal probe")
+    p.add_argument("--probe-views", type=int, default=40, help="views per image of the normal probe")
+    p.add_argument("--full-epochs", type=int, default=10, help="epochs of the golden and full-data probes")
+    p.add_argument("--save", default=None, help="write the inherited classifier (W, b, P) as safetensors")
+    p.add_argument("--json", default=None, help="write inherited / normal_probe / full_data top-1 and storage")
+    p.set_defaults(func=_cmd_inherit)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfm_lib",
@@ -314,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=86400, help="seconds per notebook cell (a whole ImageNet "
                    "distillation can be one cell)")
     p.set_defaults(func=_cmd_repro)
+
+    _inherit_parser(sub)
     return parser
 
 

@@ -16,6 +16,10 @@ are computed once; every epoch each image then uses one of its K views chosen at
 runs N·K times per seed instead of N·epochs times, and the probes of all seeds train together as one
 batched weight tensor [S, D, C] (Adam is element-wise, so this equals S independent runs).
 
+Three pieces make a probe, and other modules use them on their own (classifier inheritance):
+:func:`probe_features` (the views' features) → :func:`fit_probes` (the training) → :func:`accuracies`
+(the score on test features from :func:`sfm_lib.features.compute`).
+
 Baselines with the same probe: ``random`` real images (IPC per class, a new draw per seed), ``centroids``
 (the real images whose features are nearest the class mean), ``neighbors`` (the nearest real image of
 each distilled image) and ``full`` (the whole training split, see :func:`full_data_probe`).
@@ -45,8 +49,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["ProbeResult", "linear_probe", "full_data_probe", "train_probe", "accuracy", "cosine_lr",
-           "view_features", "random_subset", "centroid_subset", "neighbor_subset", "baseline",
-           "cross_backbone", "results_table", "BASELINES"]
+           "view_features", "probe_features", "fit_probes", "accuracies", "random_subset", "centroid_subset",
+           "neighbor_subset", "baseline", "cross_backbone", "results_table", "BASELINES"]
 
 BASELINES = ("random", "centroids", "neighbors", "full")
 _CHUNK = 256  # images per backbone forward when computing view features
@@ -212,7 +216,8 @@ def accuracy(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> float:
     return 100.0 * (pred == labels.to(pred.device)).double().mean().item()
 
 
-def _accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[float]:
+def accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[float]:
+    """Top-1 (%) of each probe s of W [S, C, D], b [S, C] on ``feats`` [N, D], scored on W's device."""
     feats, labels = feats.to(W.device, W.dtype), labels.to(W.device)
     return [accuracy(W[s], b[s], feats, labels) for s in range(W.shape[0])]
 
@@ -293,14 +298,12 @@ def check_same_data(distilled: Dataset, dataset: Dataset, allow_mismatch: bool =
                          f"(--allow-class-mismatch) for a deliberate transfer")
 
 
-def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, resolution: int, *, epochs: int,
-                seeds: Sequence[int], views: int, batch_size: int | None, lr: float | None,
-                device: str | torch.device | None, progress: bool, kind: str) -> ProbeResult:
-    """Probe seed ``seeds[i]`` trained on ``trains[i]``; seeds sharing a training-set size train together."""
-    _check_probe_args(epochs, seeds)
-    dev = backbone.device if device is None else resolve_device(device)
-    C = _num_classes(trains[0], test)
-    test_x, test_y = features_mod.compute(backbone, test, resolution, progress=progress)
+def probe_features(backbone: Backbone, trains: Sequence[Dataset], resolution: int, *, views: int,
+                   seeds: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """The probes' training features: for every i, :func:`view_features` [N_i, K, D] of ``trains[i]`` (K =
+    ``views``, augmentations drawn with ``seeds[i]``) and its labels [N_i]."""
+    if len(trains) != len(seeds):
+        raise ValueError(f"{len(trains)} training sets for {len(seeds)} seeds; pass one per seed")
     feats, labels = [], []
     for train, seed in zip(trains, seeds):
         images, y = _images_of(train, resolution)
@@ -308,7 +311,20 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
             raise ValueError("the training set is empty")
         feats.append(view_features(backbone, images, resolution, views, seed))
         labels.append(y.long())
-    top1: list[float] = [0.0] * len(seeds)
+    return feats, labels
+
+
+def fit_probes(feats: Sequence[Tensor], labels: Sequence[Tensor], num_classes: int, *, epochs: int,
+               seeds: Sequence[int], batch_size: int | None = None, lr: float | None = None,
+               device: str | torch.device = "cpu", progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Probe i trained with seed ``seeds[i]`` on ``feats[i]`` [N_i, K, D] and ``labels[i]`` [N_i] (the
+    recipe of :func:`train_probe`); probes whose training sets have the same size train together as one
+    batched tensor. Returns W [S, C, D], b [S, C] on ``device``."""
+    _check_probe_args(epochs, seeds)
+    if not len(feats) == len(labels) == len(seeds):
+        raise ValueError(f"{len(feats)} feature sets, {len(labels)} label sets and {len(seeds)} seeds; "
+                         f"pass one of each per probe")
+    dev = resolve_device(device)
     Ws: list[Tensor] = [torch.empty(0)] * len(seeds)
     bs_: list[Tensor] = [torch.empty(0)] * len(seeds)
     groups: dict[int, list[int]] = {}  # seeds whose training sets have the same size train together
@@ -317,10 +333,26 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
     for n, group in groups.items():
         bs, base_lr = _default_hparams(n, batch_size, lr)
         W, b = _train_probes(torch.stack([feats[i] for i in group]).to(dev),
-                             torch.stack([labels[i] for i in group]).to(dev), C, epochs=epochs,
+                             torch.stack([labels[i] for i in group]).to(dev), num_classes, epochs=epochs,
                              batch_size=bs, lr=base_lr, seeds=[seeds[i] for i in group], progress=progress)
-        for k, (i, acc) in enumerate(zip(group, _accuracies(W, b, test_x, test_y))):
-            top1[i], Ws[i], bs_[i] = acc, W[k].cpu(), b[k].cpu()
+        for k, i in enumerate(group):
+            Ws[i], bs_[i] = W[k], b[k]
+    return torch.stack(Ws), torch.stack(bs_)
+
+
+def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, resolution: int, *, epochs: int,
+                seeds: Sequence[int], views: int, batch_size: int | None, lr: float | None,
+                device: str | torch.device | None, progress: bool, kind: str) -> ProbeResult:
+    """Probe seed ``seeds[i]`` trained on ``trains[i]``: :func:`probe_features` → :func:`fit_probes` →
+    :func:`accuracies` on the (cached) test features."""
+    _check_probe_args(epochs, seeds)
+    dev = backbone.device if device is None else resolve_device(device)
+    C = _num_classes(trains[0], test)
+    test_x, test_y = features_mod.compute(backbone, test, resolution, progress=progress)
+    feats, labels = probe_features(backbone, trains, resolution, views=views, seeds=seeds)
+    W, b = fit_probes(feats, labels, C, epochs=epochs, seeds=seeds, batch_size=batch_size, lr=lr, device=dev,
+                      progress=progress)
+    top1 = accuracies(W, b, test_x, test_y)
     n_train = len(labels[0])
     bs, base_lr = _default_hparams(n_train, batch_size, lr)
     first = trains[0]
@@ -330,7 +362,7 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
     if isinstance(first, DistilledSet):
         meta.update(distill_backbone=first.meta.get("backbone"), method=first.meta.get("method"),
                     ipc=first.meta.get("ipc"))
-    return ProbeResult(top1, [int(s) for s in seeds], meta, (torch.stack(Ws), torch.stack(bs_)))
+    return ProbeResult(top1, [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
 
 
 def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: Dataset, resolution: int, *,
@@ -383,7 +415,7 @@ def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, res
     meta = {"kind": "full", "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": 1,
             "n_train": len(train_y), "batch_size": bs, "lr": base_lr, "train": getattr(train_ds, "name", None),
             "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": False}
-    return ProbeResult(_accuracies(W, b, test_x, test_y), [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
+    return ProbeResult(accuracies(W, b, test_x, test_y), [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
 
 
 # --------------------------------------------------------------------------------------------- baselines

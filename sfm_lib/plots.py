@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid", "agreement"]
-__all__ += ["flow_cosine", "step_cosines", "method_costs"]
+__all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid", "agreement",
+           "flow_cosine", "step_cosines", "method_costs", "accuracy_vs_storage"]
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
@@ -223,3 +223,39 @@ def method_costs(results, title: str | None = None):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+def accuracy_vs_storage(table, ax=None, title: str | None = None):
+    """Top-1 against bytes kept (log scale), one point per row of :func:`sfm_lib.inherit.comparison`: colour =
+    the (φ_d → φ_e) pair, marker = the method (inherited classifiers fitted on each image set, the normal probe
+    on the distilled images, the full-data probe)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    markers = {"inherited": "o", "normal probe": "s", "full-data probe": "*"}
+    fills = {"distilled": None, "random": "none", "centroids": "none"}
+    pairs = list(dict.fromkeys(zip(table["distill_backbone"], table["eval_backbone"])))
+    cmap = plt.get_cmap("tab10")
+    for k, (d, e) in enumerate(pairs):
+        rows = table[(table["distill_backbone"] == d) & (table["eval_backbone"] == e)]
+        for _, r in rows.iterrows():
+            fit = r["fit_on"] if isinstance(r["fit_on"], str) else None
+            face = fills.get(fit) if fit else None
+            ax.scatter(r["storage_bytes"], r["top1"], marker=markers.get(r["method"], "x"), s=110 if
+                       r["method"] == "full-data probe" else 60, color=cmap(k % 10), zorder=3,
+                       facecolors=face if face else cmap(k % 10), linewidths=1.4)
+            if fit and fit != "distilled":
+                ax.annotate(fit, (r["storage_bytes"], r["top1"]), textcoords="offset points", xytext=(6, -3),
+                            fontsize=7, color=cmap(k % 10))
+        ax.plot([], [], color=cmap(k % 10), lw=6, label=f"distil {d}, evaluate {e}")
+    for method, m in markers.items():
+        ax.scatter([], [], marker=m, color="0.3", label=method)
+    ax.scatter([], [], marker="o", facecolors="none", color="0.3", label="inherited, P fitted on real images")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes kept (W, b, P in float32 · distilled images as PNG · training set as uint8)")
+    ax.set_ylabel("top-1 on the real test split (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, which="major")
+    if title:
+        ax.set_title(title)
+    return ax
