@@ -1,6 +1,7 @@
 # Two entry points, both self-contained on a fresh Debian machine (as root, or with sudo):
 #   make book   -> installs what is missing, then builds the book with every chapter executed
 #   make test   -> installs what is missing, then runs the test suite
+#   make check-book -> opens every page of a book built earlier in a headless browser, network off
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,14 +9,16 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test setup system clean
+.PHONY: book test check-book setup system clean
 
 setup: system $(STAMP)
 
-# Debian packages: the Fashion-MNIST files (offline default data) and, where missing, Python's venv module.
+# Debian packages: the Fashion-MNIST files (offline default data), a headless Chromium for check-book and,
+# where missing, Python's venv module.
 system:
 	@need=""; \
 	[ -f $(FMNIST) ] || need="$$need dataset-fashion-mnist"; \
+	command -v chromium-headless-shell >/dev/null 2>&1 || need="$$need chromium-headless-shell"; \
 	command -v $(PYTHON) >/dev/null 2>&1 || need="$$need python3"; \
 	$(PYTHON) -c "import venv, ensurepip" >/dev/null 2>&1 || need="$$need python3-venv"; \
 	if [ -n "$$need" ]; then \
@@ -38,6 +41,11 @@ book: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Every page of _build/html in headless Chromium with the network off: raw TeX, unrendered formulas,
+# broken images, tracebacks/warnings in outputs, JavaScript errors. Screenshots in _build/screenshots.
+check-book: setup
+	$(BIN)/python scripts/check_book.py _build/html --screenshots _build/screenshots
 
 clean:
 	rm -rf _build

@@ -6,3 +6,5 @@ pass, feature cache), ``stats`` (class means), ``flow`` (flows and the SFM loss)
 (SFM/LGM loops), ``evaluate`` (linear probes, baselines), ``cli`` (``python -m sfm_lib``).
 """
 __version__ = "0.1.0"
+
+from . import progress as _progress  # noqa: F401,E402  first: quiets tqdm before timm imports it

@@ -5,21 +5,27 @@
 - :func:`step_cost`: time and peak memory of one SFM step (one- or two-pass) for any backbone, class
   count, IPC and image size, with random statistics and optionally random weights (cost does not depend
   on weight values) — the papers' ImageNet-scale settings on a GPU.
+- :func:`methods_cost`: SFM (A = 1, 10) against LGM (A = 1, 3, 10), full steps of the one distillation
+  loop, time and peak memory (CUDA: allocator peak; CPU: peak resident memory of a fresh process each).
 """
 from __future__ import annotations
 
+import json
 import statistics as pystats
+import subprocess
+import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from . import data, distill, stats
-from .augment import Augment
 from .backbones import Backbone
-from .images import make_images
+from .data import TensorImageDataset
+from .objectives import LGMObjective
 
-__all__ = ["stats_throughput", "step_cost"]
+__all__ = ["stats_throughput", "step_cost", "method_step", "methods_cost", "methods_table",
+           "synthetic_real_dataset", "METHOD_CONFIGS"]
 
 
 def _sync(device: torch.device) -> None:
@@ -56,26 +62,49 @@ def stats_throughput(backbone: Backbone, dataset, resolution: int, images: int =
             "threads": torch.get_num_threads()}
 
 
-def step_cost(backbone: Backbone, num_classes: int = 100, ipc: int = 1, resolution: int = 256,
-              crop: int | None = None, augs: int = 1, two_pass: bool = False, chunk_size: int = 256,
-              param: str = "pixels", steps: int = 6, warmup: int = 2, optimizer: bool = True) -> dict[str, Any]:
-    """Median wall time and peak memory (CUDA) of full SFM steps: decode, augment, φ, loss, backward, Adam.
+def _random_stats(backbone: Backbone, num_classes: int) -> stats.ClassStats:
+    C, D = num_classes, backbone.feature_dim
+    return stats.ClassStats(torch.randn(C, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+                            torch.ones(C, dtype=torch.long), [str(c) for c in range(C)], {"backbone": backbone.name})
 
-    Statistics are random (cost does not depend on them). ``optimizer=False`` leaves out Adam's state
-    (as in a bare gradient-step probe).
-    """
+
+def synthetic_real_dataset(num_classes: int, images: int, resolution: int, seed: int = 0) -> TensorImageDataset:
+    """An in-memory stand-in for a real training set: ``images`` random uint8 colour images of side
+    ``resolution``, classes in turn (LGM's cost does not depend on the pixel values)."""
+    per_class = -(-images // num_classes)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (per_class * num_classes, resolution, resolution, 3), generator=g, dtype=torch.uint8)
+    return TensorImageDataset(x, torch.arange(num_classes).repeat(per_class), [str(c) for c in range(num_classes)],
+                              "synthetic")
+
+
+def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, ipc: int = 1, resolution: int = 64,
+                crop: int | None = None, augs: int = 1, two_pass: bool = False, chunk_size: int = 256,
+                param: str = "pixels", steps: int = 6, warmup: int = 2, optimizer: bool = True,
+                dataset=None) -> dict[str, Any]:
+    """Median wall time and peak CUDA memory of full distillation steps of ``method`` ("sfm" / "lgm"), the
+    loop's own :meth:`sfm_lib.distill.Distiller.step`: for LGM it includes drawing the head, reading and
+    augmenting the real batch of ipc·A·C images and its forward pass. SFM's statistics are random (cost does
+    not depend on them); LGM reads ``dataset``, or an in-memory :func:`synthetic_real_dataset` when None.
+    ``optimizer=False`` leaves out Adam (a bare gradient step). Peak memory is NaN on the CPU (see
+    :func:`methods_cost`, which measures it in a fresh process)."""
     dev = backbone.device
     crop = crop or resolution
-    C, D = num_classes, backbone.feature_dim
-    st = stats.ClassStats(torch.randn(C, D, dtype=torch.float64), torch.ones(C, dtype=torch.long),
-                          [str(c) for c in range(C)], {"backbone": backbone.name})
-    labels = torch.arange(C, device=dev).repeat_interleave(ipc)
-    slots = torch.arange(ipc, device=dev).repeat(C)
-    objective = distill.SFMObjective(st, dev, ipc=ipc)
-    images = make_images(param, C * ipc, resolution, generator=torch.Generator().manual_seed(0)).to(dev)
-    opt = torch.optim.Adam(images.parameters(), lr=1e-3) if optimizer else None
-    aug = Augment()
-    gen = torch.Generator(device=dev).manual_seed(0)
+    cfg = distill.DistillConfig(ipc=ipc, steps=warmup + steps, resolution=resolution, crop=crop, augs=augs,
+                                param=param, two_pass=two_pass, chunk_size=chunk_size, progress=False)
+    if method == "sfm":
+        objective = distill.SFMObjective(_random_stats(backbone, num_classes), dev, ipc=ipc)
+    elif method == "lgm":
+        if dataset is None:
+            dataset = synthetic_real_dataset(num_classes, 2 * ipc * augs * num_classes, resolution)
+        if len(dataset.classes) != num_classes:
+            raise ValueError(f"{getattr(dataset, 'name', 'the dataset')} has {len(dataset.classes)} classes, "
+                             f"not {num_classes}: pass --classes {len(dataset.classes)}")
+        objective = LGMObjective(dataset, backbone, ipc=ipc, augs=augs, resolution=resolution, crop=crop,
+                                 augment=cfg.augment)
+    else:
+        raise ValueError(f"method must be 'sfm' or 'lgm', got {method!r}")
+    runner = distill.Distiller(backbone, objective, cfg, [str(c) for c in range(num_classes)])
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -83,18 +112,132 @@ def step_cost(backbone: Backbone, num_classes: int = 100, ipc: int = 1, resoluti
     for i in range(warmup + steps):
         _sync(dev)
         t0 = time.perf_counter()
-        for p in images.parameters():
-            p.grad = None
-        params = aug.sample(C * ipc * augs, gen)
-        distill.step_gradient(images, backbone, objective, aug, params, labels, slots, augs, crop,
-                              two_pass=two_pass, chunk_size=chunk_size)
-        if opt is not None:
-            opt.step()
+        runner.step(i, update=optimizer)
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-    return {"backbone": backbone.name, "classes": C, "ipc": ipc, "resolution": resolution, "crop": crop,
-            "augs": augs, "two_pass": two_pass, "param": param, "median_s": round(pystats.median(times), 4),
-            "peak_gib": round(peak, 2), "device": str(dev),
+    return {"method": method, "backbone": backbone.name, "classes": num_classes, "ipc": ipc,
+            "resolution": resolution, "crop": crop, "augs": augs, "two_pass": two_pass, "param": param,
+            "median_s": round(pystats.median(times), 4), "peak_gib": round(peak, 3), "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+
+
+def step_cost(backbone: Backbone, num_classes: int = 100, ipc: int = 1, resolution: int = 256,
+              crop: int | None = None, augs: int = 1, two_pass: bool = False, chunk_size: int = 256,
+              param: str = "pixels", steps: int = 6, warmup: int = 2, optimizer: bool = True) -> dict[str, Any]:
+    """Median wall time and peak memory (CUDA) of full SFM steps: decode, augment, φ, loss, backward, Adam
+    (``optimizer=False`` leaves Adam's state out). One configuration of :func:`method_step`."""
+    row = method_step(backbone, "sfm", num_classes, ipc, resolution, crop, augs, two_pass, chunk_size, param,
+                      steps, warmup, optimizer)
+    row.pop("method")
+    return row
+
+
+METHOD_CONFIGS = (("sfm", 1), ("sfm", 10), ("lgm", 1), ("lgm", 3), ("lgm", 10))
+"""(method, A) measured by :func:`methods_cost`."""
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _one_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: load the backbone (and data), note the resident memory, reset the peak (write 5
+    to /proc/self/clear_refs), run :func:`method_step`, and report the peak resident memory above it."""
+    from . import backbones, data
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    bb = backbones.load(spec["backbone"], spec["device"], pretrained=spec["pretrained"])
+    ds = data.load(spec["dataset"], "train", root=spec["data_root"]) if spec["dataset"] else None
+    if ds is None and spec["method"] == "lgm":
+        ds = synthetic_real_dataset(spec["num_classes"], 2 * spec["ipc"] * spec["augs"] * spec["num_classes"],
+                                    spec["resolution"])
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = _status_kib("VmRSS")
+    row = method_step(bb, spec["method"], spec["num_classes"], spec["ipc"], spec["resolution"], spec["crop"],
+                      spec["augs"], spec["two_pass"], spec["chunk_size"], spec["param"], spec["steps"],
+                      optimizer=spec["optimizer"], dataset=ds)
+    row["peak_gib"] = round((_status_kib("VmHWM") - base) / 2**20, 3)
+    row["baseline_gib"] = round(base / 2**20, 3)
+    row["peak_reset"] = reset
+    return row
+
+
+def _child_main() -> None:
+    """Entry point of the per-configuration process: a JSON spec on stdin, the JSON row as the last stdout line."""
+    spec = json.loads(sys.stdin.read())
+    print(json.dumps(_one_process(spec)))
+
+
+def methods_cost(backbone_name: str, device: str = "cpu", pretrained: bool = True, num_classes: int = 10,
+                 ipc: int = 1, resolution: int = 64, crop: int | None = None, two_pass: bool = False,
+                 chunk_size: int = 256, param: str = "pixels", steps: int = 6, optimizer: bool = True,
+                 dataset: str | None = None, data_root: str | None = None, threads: int = 0,
+                 configs: Sequence[tuple[str, int]] = METHOD_CONFIGS, command: str = "") -> dict[str, Any]:
+    """SFM at A = 1, 10 and LGM at A = 1, 3, 10 (``configs``), same backbone and settings, in one run.
+
+    Per configuration: the median time of a full step (:func:`method_step`) and the peak memory — on CUDA
+    ``torch.cuda.max_memory_allocated`` (in this process, reset between configurations); on the CPU the
+    peak resident memory of a fresh process per configuration above its resident memory once the backbone
+    (and data) are loaded. LGM reads ``dataset`` (a name for :func:`sfm_lib.data.load`), or an in-memory
+    synthetic set of the right size when None. Returns ``{"runs": {"sfm_A1": row, …}, "ratios": {"time",
+    "memory"} (LGM A=10 over SFM A=1), "device", "gpu", "command", "settings"}``."""
+    from . import backbones, data
+    from .utils import resolve_device
+
+    dev = resolve_device(device)
+    spec = {"backbone": backbone_name, "device": str(dev), "pretrained": pretrained, "num_classes": num_classes,
+            "ipc": ipc, "resolution": resolution, "crop": crop, "two_pass": two_pass, "chunk_size": chunk_size,
+            "param": param, "steps": steps, "optimizer": optimizer, "dataset": dataset, "data_root": data_root,
+            "threads": threads}
+    runs: dict[str, dict[str, Any]] = {}
+    if dev.type == "cuda":
+        if threads:
+            torch.set_num_threads(threads)
+        bb = backbones.load(backbone_name, dev, pretrained=pretrained)
+        ds = data.load(dataset, "train", root=data_root) if dataset else None
+        for method, augs in configs:
+            runs[f"{method}_A{augs}"] = method_step(bb, method, num_classes, ipc, resolution, crop, augs, two_pass,
+                                                    chunk_size, param, steps, optimizer=optimizer,
+                                                    dataset=ds if method == "lgm" else None)
+            torch.cuda.empty_cache()
+    else:
+        for method, augs in configs:
+            child = subprocess.run([sys.executable, "-c", "from sfm_lib.bench import _child_main; _child_main()"],
+                                   input=json.dumps({**spec, "method": method, "augs": augs}), text=True,
+                                   capture_output=True)
+            if child.returncode != 0:
+                tail = child.stderr.strip().splitlines()[-1:] or ["(no message)"]
+                raise RuntimeError(f"the benchmark process for {method} A={augs} failed: {tail[0]}")
+            runs[f"{method}_A{augs}"] = json.loads(child.stdout.strip().splitlines()[-1])
+    first = next(iter(runs.values()))
+    ratios = {}
+    if "sfm_A1" in runs and "lgm_A10" in runs:
+        a, b = runs["lgm_A10"], runs["sfm_A1"]
+        ratios = {"time": round(a["median_s"] / b["median_s"], 2),
+                  "memory": round(a["peak_gib"] / b["peak_gib"], 2) if b["peak_gib"] > 0 else float("nan")}
+    return {"runs": runs, "ratios": ratios, "device": first["device"], "gpu": first["gpu"], "command": command,
+            "settings": {k: v for k, v in spec.items() if k not in ("device",)},
+            "threads": threads or torch.get_num_threads()}
+
+
+def methods_table(result: dict[str, Any]) -> str:
+    """The runs of :func:`methods_cost` as a plain-text table, with the ratios."""
+    lines = [f"{'run':<10} {'time/step (s)':>14} {'peak (GiB)':>11}"]
+    for name, row in result["runs"].items():
+        lines.append(f"{name:<10} {row['median_s']:>14.4f} {row['peak_gib']:>11.3f}")
+    r = result["ratios"]
+    if r:
+        lines.append(f"LGM A=10 / SFM A=1: time {r['time']}x, memory {r['memory']}x ({result['gpu']})")
+    return "\n".join(lines)

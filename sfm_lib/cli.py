@@ -52,19 +52,28 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, stats
     from .augment import Augment
 
-    st = stats.ClassStats.load(a.stats)
-    if a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
+    if a.method == "lgm" and a.stats:
+        raise CliError("--method lgm matches gradients on real images: pass --dataset (the training set), "
+                       "not --stats")
+    if a.method == "sfm" and not a.stats:
+        raise CliError("--method sfm needs --stats FILE (class statistics from `python -m sfm_lib stats`)")
+    st = stats.ClassStats.load(a.stats) if a.method == "sfm" else None
+    if st is not None and a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
         raise CliError(f"--init real takes images from --dataset {a.dataset}, but {a.stats} holds statistics of "
                        f"{st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bb = backbones.load(a.backbone, a.device)
-    init_ds = data.load(a.dataset, "train", root=a.data_root, download=a.download) if a.init == "real" else None
+    needs_data = a.init == "real" or a.method == "lgm"
+    train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
-    result = distill.sfm(bb, st, ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, augs=a.augs,
-                         lr=a.lr, schedule=a.schedule, augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p),
-                         param=a.param, grow_every=a.grow_every, init=a.init, init_dataset=init_ds,
-                         loss=a.loss, subclass=a.subclass, ema=a.ema, seed=a.seed, two_pass=a.two_pass,
-                         chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
-                         resume=a.resume)
+    common = dict(ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, lr=a.lr, schedule=a.schedule,
+                  augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p), param=a.param,
+                  grow_every=a.grow_every, init=a.init, init_dataset=train if a.init == "real" else None,
+                  seed=a.seed, two_pass=a.two_pass, chunk_size=a.chunk_size, checkpoint=checkpoint,
+                  checkpoint_every=a.checkpoint_every, resume=a.resume, compile=a.compile)
+    if a.method == "sfm":
+        result = distill.sfm(bb, st, augs=a.augs or 1, loss=a.loss, subclass=a.subclass, ema=a.ema, **common)
+    else:
+        result = distill.lgm(bb, train, augs=a.augs or 10, head_std=a.head_std, balanced=a.balanced, **common)
     result.save(a.out)
     hist = result.meta["loss_history"]
     print(f"wrote {a.out}: images {tuple(result.images.shape)}, final loss "
@@ -114,6 +123,19 @@ def _cmd_baselines(a: argparse.Namespace) -> None:
 def _cmd_bench(a: argparse.Namespace) -> None:
     from . import backbones, bench, data
 
+    if a.what == "methods":
+        import shlex
+
+        dataset = None if a.random_weights else a.dataset
+        result = bench.methods_cost(a.backbone, a.device, pretrained=not a.random_weights, num_classes=a.classes,
+                                    ipc=a.ipc, resolution=a.resolution, crop=a.crop, two_pass=a.two_pass,
+                                    chunk_size=a.chunk_size, param=a.param, steps=a.steps,
+                                    optimizer=not a.no_optimizer, dataset=dataset, data_root=a.data_root,
+                                    threads=a.threads, command="python -m sfm_lib " + shlex.join(a.argv))
+        print(bench.methods_table(result))
+        print(json.dumps(result))
+        _json_out(a.json, result)
+        return
     if a.threads:
         import torch
 
@@ -136,6 +158,16 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     _json_out(a.json, row)
 
 
+# ------------------------------------------------------------------------------------------------ repro
+def _cmd_repro(a: argparse.Namespace) -> None:
+    from . import repro
+
+    overrides = {key: repro.parse_value(value) for key, value in a.param or []}
+    only = [c.strip() for c in a.chapters.split(",") if c.strip()] if a.chapters else None
+    results = repro.run(a.preset, a.out, overrides, only=only, timeout=a.timeout)
+    print(f"wrote {a.out}: {len(results['chapters'])} finished chapters, results.json, figures/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfm_lib",
                                      description="Dataset distillation for frozen backbones by statistical flow matching.")
@@ -154,18 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("distill", help="distil IPC synthetic images per class from class statistics",
-                       description="Statistical flow matching: optimise synthetic images so that the flows between "
-                                   "their class means match the real flows. Writes safetensors ('images' "
-                                   "[N,3,H,W] in [0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
+                       description="Statistical flow matching (--method sfm, from --stats): optimise synthetic images "
+                                   "so that the flows between their class means match the real flows. Linear "
+                                   "gradient matching (--method lgm, from the real images of --dataset): match the "
+                                   "gradients of random linear heads. Writes safetensors ('images' [N,3,H,W] in "
+                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
     _common(p)
-    p.add_argument("--method", default="sfm", choices=["sfm"], help="distillation method")
-    p.add_argument("--stats", required=True, help="class statistics from `python -m sfm_lib stats`")
+    p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
+                   help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
+                        "images of --dataset")
+    p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--ipc", type=int, default=1, help="synthetic images per class")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--crop", type=int, default=None, help="backbone input size of the augmented views "
                                                          "(default: --resolution)")
-    p.add_argument("--augs", type=int, default=1, help="augmented views per image and step")
+    p.add_argument("--augs", type=int, default=None, help="augmented views per image and step (default: sfm 1, "
+                                                          "lgm 10)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default per --param)")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
     p.add_argument("--crop-scale", type=float, default=0.08, help="smallest area fraction of the random resized crop")
@@ -178,8 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0, help="running average of the synthetic class means in the "
                    "loss, weight BETA in [0, 1) on the past (0: off; 0.7 ≈ twice the views per step)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--two-pass", action="store_true", help="memory-bounded backward (same gradient)")
-    p.add_argument("--chunk-size", type=int, default=256, help="views per chunk in --two-pass mode")
+    p.add_argument("--head-std", type=float, default=0.01, help="lgm: std of the random head W (b = 0)")
+    p.add_argument("--balanced", action="store_true", help="lgm: class-balanced real batches (default shuffled)")
+    p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=None,
+                   help="memory-bounded backward, same gradient (default: automatic on CUDA, off on CPU)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="views per chunk in --two-pass mode (default: 256 on CPU, what fits on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -212,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
                        description="'stats': the statistics pass vs forward-only throughput (same batch, resolution). "
-                                   "'step': median time and peak GPU memory of one SFM step.")
-    p.add_argument("what", choices=["stats", "step"])
+                                   "'step': median time and peak GPU memory of one SFM step. 'methods': SFM at "
+                                   "A = 1, 10 and LGM at A = 1, 3, 10 in one run (time per full step, peak memory: "
+                                   "CUDA allocator, or on the CPU the peak resident memory of a fresh process each; "
+                                   "LGM reads --dataset, or random in-memory images with --random-weights).")
+    p.add_argument("what", choices=["stats", "step", "methods"])
     _common(p)
     p.add_argument("--random-weights", action="store_true", help="random backbone weights (cost only)")
     p.add_argument("--images", type=int, default=4096, help="stats: images to stream")
@@ -221,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")
-    p.add_argument("--augs", type=int, default=1)
+    p.add_argument("--augs", type=int, default=1, help="step: views per image (methods: fixed 1, 10 / 1, 3, 10)")
     p.add_argument("--param", default="pixels", choices=["pixels", "pyramid"])
     p.add_argument("--two-pass", action="store_true")
     p.add_argument("--chunk-size", type=int, default=256)
@@ -230,12 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the result row as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("repro", help="run the book's chapters with a preset of parameters (papermill)",
+                       description="Execute the chapters of _toc.yml in order with papermill, each with the keys "
+                                   "of PRESET (repro/PRESET.yaml or a YAML file) that are its parameters, then "
+                                   "the -p overrides. Writes the executed notebooks, results.json (every recorded "
+                                   "table) and figures/ to --out; a second run skips finished chapters.")
+    p.add_argument("preset", metavar="PRESET", help="preset name (repro/PRESET.yaml of the checkout) or a YAML file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="override a chapter parameter; VALUE is a YAML literal (3, 0.5, [0, 1], cpu)")
+    p.add_argument("--chapters", default=None, help="comma-separated chapter prefixes to run, e.g. 01,02")
+    p.add_argument("--timeout", type=int, default=86400, help="seconds per notebook cell (a whole ImageNet "
+                   "distillation can be one cell)")
+    p.set_defaults(func=_cmd_repro)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, FloatingPointError) as err:

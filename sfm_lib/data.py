@@ -18,15 +18,16 @@ import os
 import socket
 import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from .utils import cache_dir
+from .utils import cache_dir, load_tensors, save_tensors
 
-__all__ = ["load", "TensorImageDataset", "ImageFolderDataset", "subset", "subset_per_class", "DEBIAN_FASHION_MNIST",
+__all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "subset", "subset_per_class", "DEBIAN_FASHION_MNIST",
            "NAMES"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -119,6 +120,52 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
             idx = idx[torch.randperm(len(idx), generator=g)]
         picks.append(idx[:per_class])
     return subset(dataset, torch.cat(picks).sort().values.tolist())
+
+
+@dataclass
+class DistilledSet:
+    """Synthetic images ``[N,3,H,W]`` in [0,1], hard labels ``[N]``, class names and metadata.
+
+    ``meta`` holds at least ``backbone``, ``method``, ``ipc``, ``resolution`` and the ``loss_history``.
+    Saved as safetensors (``images``, ``labels``) with the metadata as JSON in the header.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.labels
+
+    @property
+    def name(self) -> str:
+        return f"distilled:{self.meta.get('method', '?')}"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + rename)."""
+        save_tensors(path, {"images": self.images.float().clamp(0, 1), "labels": self.labels.long()},
+                     {**self.meta, "classes": self.classes})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DistilledSet":
+        tensors, meta = load_tensors(path)
+        if "images" not in tensors or "labels" not in tensors:
+            raise ValueError(f"{path}: not a distilled set (needs tensors 'images' and 'labels'); "
+                             f"make one with `python -m sfm_lib distill ...`")
+        classes = meta.pop("classes", [str(i) for i in range(int(tensors["labels"].max()) + 1)])
+        return cls(tensors["images"], tensors["labels"], classes, meta)
 
 
 # ----------------------------------------------------------------------------------------------- idx files

@@ -1,6 +1,21 @@
-"""Distillation loops (SFM; LGM in the same framework) and the :class:`DistilledSet` they return."""
+"""One distillation loop for every objective (SFM, LGM; see :mod:`sfm_lib.objectives`) and one config.
+
+:class:`DistillConfig` holds what both methods share: the image parameterisation, the augmentation, the
+optimiser and its schedule, the number of steps, the seed, checkpoints, and the memory plan (one pass or
+two-pass with a chunk size). :class:`Distiller` runs it for an objective; :func:`sfm` and :func:`lgm` are
+the entry points. A step:
+
+    objective.begin_step()             (LGM: a fresh head, a real batch and its head gradient)
+    views v = 0 … A·N−1 of the images (image v mod N), z = φ(normalise(aug(decode(θ))))
+    L = objective(z); ∂L/∂θ by one pass, or two passes (memory bounded by the chunk); Adam step on θ
+
+No host–device synchronisation inside a step: the loss stays on the device and is read back every
+``read_every`` steps (progress bar, non-finite check; the history is complete at the end), class means
+are a reshape of the views, and labels are built and checked once per run.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -8,122 +23,86 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data, flow
 from .augment import Augment, AugmentParams
 from .backbones import Backbone
+from .data import DistilledSet
 from .images import SyntheticImages, make_images
+from .objectives import LGMObjective, SFMObjective, ViewLayout, _dataset_identity, tensor_hash
+from .progress import tqdm
 from .stats import ClassStats
-from .utils import atomic_path, load_tensors, save_tensors
+from .utils import atomic_path
 
-__all__ = ["DistilledSet", "SFMObjective", "Snapshots", "sfm", "step_gradient", "gradient_agreement", "DEFAULT_LR"]
+__all__ = ["DistillConfig", "Distiller", "run", "sfm", "lgm", "DistilledSet", "SFMObjective", "LGMObjective",
+           "Snapshots", "step_gradient", "gradient_agreement", "DEFAULT_LR"]
+
+DEFAULT_LR = {"pixels": 0.05, "pyramid": 0.01}
+_CHECKPOINT_VERSION = 2
 
 
 @dataclass
-class DistilledSet:
-    """Synthetic images ``[N,3,H,W]`` in [0,1], hard labels ``[N]``, class names and metadata.
+class DistillConfig:
+    """Everything of a distillation run that is not the objective.
 
-    ``meta`` holds at least ``backbone``, ``method``, ``ipc``, ``resolution`` and the ``loss_history``.
-    Saved as safetensors (``images``, ``labels``) with the metadata as JSON in the header.
+    ``param`` "pixels" or "pyramid" (a level added every ``grow_every`` steps, Adam re-created then);
+    ``init`` "noise", "real" (random real images of the loop's ``init_dataset``, drawn by ``seed``) or a
+    tensor of start images [N, 3, H, W] in [0, 1], class-major; ``augs`` = A views per image and step;
+    ``lr`` None: :data:`DEFAULT_LR` of ``param``; ``schedule`` "constant" or "cosine" (over ``steps``).
+    ``two_pass`` None: chosen automatically (CUDA: from the free memory; CPU: one pass); ``chunk_size``
+    None: 256, or on CUDA as many views as fit. ``checkpoint`` written atomically every
+    ``checkpoint_every`` steps and at the end; ``resume`` continues it exactly. ``compile``:
+    ``torch.compile`` the backbone. ``read_every``: steps between reading the loss back to the host.
     """
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
+    ipc: int = 1
+    steps: int = 1000
+    resolution: int = 64
+    crop: int | None = None
+    augs: int = 1
+    lr: float | None = None
+    schedule: str = "constant"
+    param: str = "pixels"
+    grow_every: int = 200
+    init: Any = "noise"
+    augment: Augment = field(default_factory=Augment)
+    seed: int = 0
+    two_pass: bool | None = None
+    chunk_size: int | None = None
+    checkpoint: str | os.PathLike | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    progress: bool = True
+    compile: bool = False
+    read_every: int = 10
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], int(self.labels[i])
+    def check(self) -> None:
+        """Raise ValueError naming any bad setting."""
+        if self.ipc < 1:
+            raise ValueError(f"ipc must be ≥ 1, got {self.ipc}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.steps < 0 or self.augs < 1 or (self.chunk_size is not None and self.chunk_size < 1) \
+                or self.checkpoint_every < 1 or self.read_every < 1:
+            raise ValueError(f"need steps ≥ 0, augs ≥ 1, chunk_size ≥ 1, checkpoint_every ≥ 1, read_every ≥ 1 "
+                             f"(got {self.steps}, {self.augs}, {self.chunk_size}, {self.checkpoint_every}, "
+                             f"{self.read_every})")
+        if self.resume and self.checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint path")
 
     @property
-    def targets(self) -> torch.Tensor:
-        return self.labels
+    def crop_size(self) -> int:
+        return self.crop or self.resolution
 
     @property
-    def name(self) -> str:
-        return f"distilled:{self.meta.get('method', '?')}"
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.images.shape[-2:])
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file + rename)."""
-        save_tensors(path, {"images": self.images.float().clamp(0, 1), "labels": self.labels.long()},
-                     {**self.meta, "classes": self.classes})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "DistilledSet":
-        tensors, meta = load_tensors(path)
-        if "images" not in tensors or "labels" not in tensors:
-            raise ValueError(f"{path}: not a distilled set (needs tensors 'images' and 'labels'); "
-                             f"make one with `python -m sfm_lib distill ...`")
-        classes = meta.pop("classes", [str(i) for i in range(int(tensors["labels"].max()) + 1)])
-        return cls(tensors["images"], tensors["labels"], classes, meta)
+    def learning_rate(self) -> float:
+        return DEFAULT_LR.get(self.param, 0.01) if self.lr is None else float(self.lr)
 
 
-# ------------------------------------------------------------------------------------------- objectives
-class SFMObjective:
-    """L = 1 − cos(vec F̃, vec F) with F the real flow of the class means and F̃ that of the synthetic
-    features (per-class mean first). ``loss="mse"``: the decoupled ablation, MSE to the class means.
-    ``subclass=True``: image j of class c is matched to the j-th k-means centre of class c (see
-    :func:`sfm_lib.flow.subclass_real_flow`). ``ema`` = β > 0: the synthetic statistic (class means, or
-    per-(class, slot) means) enters the loss as a running average over calls with the gradient of the
-    current call (:func:`sfm_lib.flow.straight_through_ema`); the average is in :meth:`state_dict`."""
-
-    def __init__(self, stats: ClassStats, device: torch.device, loss: str = "flow", subclass: bool = False,
-                 ipc: int = 1, ema: float = 0.0):
-        if loss not in ("flow", "mse"):
-            raise ValueError(f"loss must be 'flow' or 'mse', got {loss!r}")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must lie in [0, 1) (0: off), got {ema}")
-        self.C, self.loss, self.subclass, self.ipc, self.ema = stats.num_classes, loss, subclass, ipc, ema
-        self.running: torch.Tensor | None = None
-        means = stats.means.double()
-        self.means = means.float().to(device)
-        self.target = flow.real_flow(means).float().to(device)
-        if subclass:
-            if loss != "flow":
-                raise ValueError("sub-class targets work with loss='flow' only")
-            if stats.centres is None or stats.centres.shape[1] < ipc:
-                have = 0 if stats.centres is None else stats.centres.shape[1]
-                raise ValueError(f"sub-class targets need ≥ ipc={ipc} k-means centres per class in the statistics, "
-                                 f"found {have}; re-run `python -m sfm_lib stats --kmeans {ipc} ...`")
-            self.target = flow.subclass_real_flow(means, stats.centres[:, :ipc].double()).float().to(device)
-
-    def __call__(self, z: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        if self.subclass:
-            stat = flow.subclass_means(z, labels, slots, self.C, self.ipc)
-        else:
-            stat = flow.class_means(z, labels, self.C)
-        if self.ema:
-            stat, self.running = flow.straight_through_ema(stat, self.running, self.ema)
-        if self.loss == "mse":
-            return flow.decoupled_loss(stat, self.means)
-        if self.subclass:
-            return flow.sfm_loss(flow.subclass_real_flow(stat.mean(1), stat), self.target)
-        return flow.sfm_loss(flow.real_flow(stat), self.target)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The running average (empty before the first call or with ``ema`` = 0)."""
-        return {} if self.running is None else {"running": self.running.detach().cpu()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        running = state.get("running")
-        self.running = None if running is None else running.to(self.means.device)
-
-
-# ------------------------------------------------------------------------------------------------- loop
-DEFAULT_LR = {"pixels": 0.05, "pyramid": 0.01}
-
-
+# ------------------------------------------------------------------------------------------------- step
 def _views(images: SyntheticImages, backbone: Backbone, augment: Augment, params: AugmentParams,
            image_idx: torch.Tensor, crop: int, rows: list[torch.Tensor] | None = None) -> torch.Tensor:
     """φ(normalise(aug(decode(images)[image_idx]))) for one chunk of views → [M, D]."""
@@ -133,17 +112,20 @@ def _views(images: SyntheticImages, backbone: Backbone, augment: Augment, params
 
 def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augment: Augment,
                   params: AugmentParams, labels: torch.Tensor, slots: torch.Tensor, augs: int, crop: int,
-                  two_pass: bool = False, chunk_size: int = 256) -> float:
-    """Compute the loss of one step and accumulate its gradient into ``images``' parameters.
+                  two_pass: bool = False, chunk_size: int = 256) -> torch.Tensor:
+    """Compute the loss of one step and accumulate its gradient into ``images``' parameters; returns the
+    loss as a detached 0-d tensor on the device (no host sync).
 
-    Views are ordered copy-major: view v shows image v mod N under augmentation ``params[v]``.
+    Views are ordered copy-major: view v shows image v mod N under augmentation ``params[v]``; the objective
+    gets labels[v mod N] and slots[v mod N] (and may use its ``layout`` instead, see :mod:`sfm_lib.objectives`).
 
     One pass: decode → augment → φ → loss → backward (the graph holds every view's activations).
     Two passes (memory does not grow with the number of views): (1) features z of all views without a
     graph, chunk by chunk; g = ∂L/∂z. (2) for each chunk, re-decode just its images from parameter
     rows that are their own autograd leaves, redo the same augmentation and forward, and backpropagate
     z_chunk·g_chunk; the row gradients are index-added into the parameters' gradients. The crops are
-    identical in both passes (per-image noise seeds), so the gradient equals the one-pass gradient.
+    identical in both passes (per-image noise seeds), so the gradient equals the one-pass gradient. This
+    holds for any objective that depends on the images only through z (SFM and LGM both do).
     """
     n = images.num_images
     view_img = torch.arange(n * augs, device=labels.device) % n
@@ -152,7 +134,7 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         z = _views(images, backbone, augment, params, view_img, crop)
         loss = objective(z, view_labels, view_slots)
         loss.backward()
-        return loss.item()
+        return loss.detach()
     chunks = [torch.arange(s, min(s + chunk_size, n * augs), device=labels.device)
               for s in range(0, n * augs, chunk_size)]
     tensors = list(images.parameters())
@@ -172,7 +154,7 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         zc.backward(g[c])
         for p, r in zip(tensors, rows):
             p.grad.index_add_(0, idx, r.grad)
-    return loss.item()
+    return loss.detach()
 
 
 def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init_dataset, seed: int,
@@ -273,121 +255,306 @@ def _lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
 
 
+def _compiled(backbone: Backbone) -> Backbone:
+    """A shallow copy of ``backbone`` whose model is ``torch.compile``-d (the original is left as it is)."""
+    out = copy.copy(backbone)
+    out.model = torch.compile(backbone.model)
+    return out
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "(not set)"), now.get(key, "(not set)")
+        if a != b:
+            out.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+class Distiller:
+    """A prepared run: synthetic images, optimiser, generators, the objective, the memory plan.
+
+    :meth:`step` does one full step (used by the loop and by the cost benchmark); :meth:`run` runs the loop
+    with checkpoints, exact resume and the loss read back every ``read_every`` steps."""
+
+    def __init__(self, backbone: Backbone, objective, config: DistillConfig, classes: Sequence[str],
+                 init_dataset=None):
+        config.check()
+        self.config, self.objective, self.backbone = config, objective, backbone
+        self.classes = list(classes)
+        C, cfg = objective.num_classes, config
+        if len(self.classes) != C:
+            raise ValueError(f"{len(self.classes)} class names for an objective with {C} classes")
+        self.crop, self.lr = cfg.crop_size, cfg.learning_rate
+        dev = self.device = backbone.device
+        self.labels = torch.arange(C, device=dev).repeat_interleave(cfg.ipc)  # class-major: the layout below
+        self.slots = torch.arange(cfg.ipc, device=dev).repeat(C)
+        self.layout = ViewLayout(cfg.augs, C, cfg.ipc)
+        objective.layout = self.layout  # the labels above are in this order: checked once, for the whole run
+        self.num_views = C * cfg.ipc * cfg.augs
+        self.image_gen = torch.Generator().manual_seed(cfg.seed)
+        kw = {"grow_every": cfg.grow_every} if cfg.param == "pyramid" else {}
+        self.images = _initial_images(cfg.param, self.labels.cpu(), cfg.resolution, cfg.init, init_dataset,
+                                      cfg.seed, self.image_gen, **kw).to(dev)
+        self.init_dataset = init_dataset
+        self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+        self.opt = self._make_opt()
+        self.phi = _compiled(backbone) if cfg.compile else backbone
+        self.two_pass: bool | None = cfg.two_pass if cfg.two_pass is not None or dev.type == "cuda" else False
+        self.chunk_size: int | None = cfg.chunk_size if cfg.chunk_size is not None or dev.type == "cuda" else 256
+        if self.two_pass is False and self.chunk_size is None:
+            self.chunk_size = 256
+
+    def _make_opt(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.images.parameters(), lr=self.lr)
+
+    # ------------------------------------------------------------------------------------------ memory
+    def _bytes_per_view(self, probe: int = 4) -> float:
+        """Peak CUDA bytes of one view's forward + backward, from a probe on ``probe`` random views."""
+        dev = self.device
+        x = torch.rand(probe, 3, self.crop, self.crop, device=dev, requires_grad=True)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        z = self.phi(self.phi.preprocess(x, self.crop))
+        z.square().sum().backward()
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / probe
+
+    def plan_memory(self) -> tuple[bool, int]:
+        """(two_pass, chunk_size). Explicit settings are kept; on CUDA the missing ones come from the free
+        memory: one pass when A·N views fit in 80 % of it (after images, gradients and Adam state), else
+        two-pass with the largest chunk that fits. On the CPU: one pass, chunk 256, unless set."""
+        if self.two_pass is not None and self.chunk_size is not None:
+            return self.two_pass, self.chunk_size
+        dev = self.device
+        fixed = 4 * sum(p.numel() * p.element_size() for p in self.images.parameters())
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = max(0.8 * free - fixed, 0.0)
+        per_view = max(self._bytes_per_view(), 1.0)
+        torch.cuda.empty_cache()
+        if self.two_pass is None:
+            self.two_pass = per_view * self.num_views > budget
+        if self.chunk_size is None:
+            self.chunk_size = max(1, min(self.num_views, int(budget // per_view)))
+        return self.two_pass, self.chunk_size
+
+    def _oom_message(self) -> str:
+        cfg = self.config
+        how = (f"two-pass with chunks of {self.chunk_size} views" if self.two_pass else
+               f"one pass over all {self.num_views} views")
+        fix = (f"lower the chunk size (chunk_size / --chunk-size, now {self.chunk_size})" if self.two_pass else
+               f"use two-pass (two_pass=True / --two-pass, memory bounded by --chunk-size)")
+        return (f"out of GPU memory in a distillation step ({how}; {cfg.augs} augs × {self.num_views // cfg.augs} "
+                f"images). To fit: {fix}, or lower the views per step (augs / --augs, now {cfg.augs}) or the "
+                f"images per class (ipc / --ipc, now {cfg.ipc})")
+
+    # -------------------------------------------------------------------------------------------- step
+    def step(self, step: int, update: bool = True) -> torch.Tensor:
+        """One full step (0-based index ``step``): grow, objective.begin_step, views, loss, backward, Adam
+        (``update=False``: no Adam step, as in a bare gradient probe). Returns the loss, a 0-d device tensor."""
+        cfg = self.config
+        if self.two_pass is None or self.chunk_size is None:
+            self.plan_memory()
+        try:
+            if self.images.grow(step):
+                self.opt = self._make_opt()
+            self.objective.begin_step(self.phi)
+            params = cfg.augment.sample(self.num_views, self.aug_gen)
+            self.opt.zero_grad(set_to_none=True)
+            loss = step_gradient(self.images, self.phi, self.objective, cfg.augment, params, self.labels,
+                                 self.slots, cfg.augs, self.crop, two_pass=self.two_pass,
+                                 chunk_size=self.chunk_size)
+            if update:
+                for group in self.opt.param_groups:
+                    group["lr"] = _lr_at(step, cfg.steps, self.lr, cfg.schedule)
+                self.opt.step()
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(self._oom_message()) from err
+        return loss
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the result: a checkpoint of another identity is refused on resume.
+        ``steps`` enters only with the cosine schedule (which depends on it), ``grow_every`` only for the
+        pyramid; the memory plan (two-pass, chunk size) and ``compile`` do not change the gradient."""
+        cfg = self.config
+        init = cfg.init if isinstance(cfg.init, str) else f"images:{tensor_hash(torch.as_tensor(cfg.init))}"
+        ident = {"method": self.objective.method, "backbone": self.backbone.name, "ipc": cfg.ipc,
+                 "resolution": cfg.resolution, "crop": self.crop, "augs": cfg.augs, "lr": self.lr,
+                 "schedule": cfg.schedule, "param": cfg.param, "init": init, "seed": cfg.seed,
+                 "augment": dataclasses.asdict(cfg.augment)}
+        if cfg.param == "pyramid":
+            ident["grow_every"] = cfg.grow_every
+        if cfg.schedule == "cosine":
+            ident["steps"] = cfg.steps
+        if cfg.init == "real" and self.init_dataset is not None:
+            ident["init_dataset"] = _dataset_identity(self.init_dataset)
+        ident.update({f"{self.objective.method}.{k}": v for k, v in self.objective.identity().items()})
+        return json_safe(ident)
+
+    def state_dict(self, step: int, history: list[float]) -> dict:
+        return {"version": _CHECKPOINT_VERSION, "identity": self.identity(), "step": step, "history": history,
+                "images": self.images.state_dict(), "optimizer": self.opt.state_dict(),
+                "objective": self.objective.state_dict(), "image_rng": self.image_gen.get_state(),
+                "aug_rng": self.aug_gen.get_state().cpu(), "two_pass": self.two_pass,
+                "chunk_size": self.chunk_size}
+
+    def load_state_dict(self, state: dict, where: str = "checkpoint") -> tuple[int, list[float]]:
+        """Restore a checkpoint of the same run (else ValueError naming each difference); → (step, history)."""
+        if state.get("version") != _CHECKPOINT_VERSION or "identity" not in state:
+            raise ValueError(f"{where} was written by an older version of sfm_lib (no run identity); delete it "
+                             f"to start over")
+        diff = _differences(state["identity"], self.identity())
+        if diff:
+            raise ValueError(f"{where} was made by another run, with other settings: " + "; ".join(diff)
+                             + ". Resume with the same settings, or delete the checkpoint to start over")
+        self.images.load_state_dict(state["images"])
+        self.images.to(self.device)
+        self.opt = self._make_opt()
+        self.opt.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        self.image_gen.set_state(state["image_rng"])
+        self.aug_gen.set_state(state["aug_rng"])  # generator states are CPU byte tensors, CUDA ones too
+        if self.config.two_pass is None and state.get("two_pass") is not None:
+            self.two_pass = bool(state["two_pass"])  # the automatic plan of the run, for a bit-identical end
+        if self.config.chunk_size is None and state.get("chunk_size") is not None:
+            self.chunk_size = int(state["chunk_size"])
+        return int(state["step"]), list(state["history"])
+
+    # --------------------------------------------------------------------------------------------- run
+    def run(self, callback: Callable | None = None, desc: str | None = None) -> DistilledSet:
+        """The loop. ``callback(step, loss, images)`` after every step (``loss`` a 0-d device tensor)."""
+        cfg = self.config
+        ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+        start, history = 0, []
+        if cfg.resume and ckpt is not None and ckpt.is_file():
+            start, history = self.load_state_dict(_load_checkpoint(ckpt), f"checkpoint {ckpt}")
+        elif not cfg.resume and ckpt is not None and ckpt.exists():
+            raise FileExistsError(f"checkpoint {ckpt} exists: pass resume=True (--resume) to continue that run, "
+                                  f"or delete it to start over")
+        buffer = torch.zeros(cfg.read_every, device=self.device)
+        pending = []  # step indices whose loss sits in the buffer
+
+        def read_back(bar) -> None:
+            if not pending:
+                return
+            values = buffer[:len(pending)].tolist()  # the one host sync, every read_every steps
+            for s, v in zip(pending, values):
+                if not math.isfinite(v):
+                    kept = (f"the last good checkpoint is kept at {ckpt}" if ckpt and ckpt.is_file()
+                            else "no checkpoint")
+                    raise FloatingPointError(
+                        f"the loss became {v} at step {s} (found when reading back steps {pending[0]}–"
+                        f"{pending[-1]}); {kept}. Try a lower lr (now {self.lr}).")
+            history.extend(values)
+            pending.clear()
+            bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+
+        t0 = time.perf_counter()
+        bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps,
+                   mininterval=1.0)
+        for step in bar:
+            loss = self.step(step)
+            buffer[len(pending)].copy_(loss)
+            pending.append(step)
+            if callback is not None:
+                callback(step, loss, self.images)
+            save = ckpt is not None and (step + 1) % cfg.checkpoint_every == 0
+            if save or len(pending) == cfg.read_every or step + 1 == cfg.steps:
+                read_back(bar)
+            if save:
+                _save_checkpoint(ckpt, self.state_dict(step + 1, history))
+        bar.close()
+        read_back(bar)
+        if ckpt is not None and cfg.steps > start:
+            _save_checkpoint(ckpt, self.state_dict(cfg.steps, history))
+        with torch.no_grad():
+            final = self.images.decode().float().cpu()
+        meta = {**self.identity(), "steps": cfg.steps, "grow_every": cfg.grow_every,
+                "init": cfg.init if isinstance(cfg.init, str) else "images",
+                "two_pass": self.two_pass, "chunk_size": self.chunk_size, "compile": cfg.compile,
+                "loss_history": history, "time_s": round(time.perf_counter() - t0, 2),
+                "num_classes": self.objective.num_classes}
+        return DistilledSet(final, self.labels.cpu(), self.classes, meta)
+
+
+def json_safe(value: Any) -> Any:
+    """Tuples → lists, recursively (what a JSON or checkpoint round trip gives back), so identities compare."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def run(backbone: Backbone, objective, config: DistillConfig, classes: Sequence[str], *, init_dataset=None,
+        callback: Callable | None = None) -> DistilledSet:
+    """Distil with ``objective`` under ``config`` (see :class:`Distiller`)."""
+    desc = f"{objective.method.upper()} {backbone.name} ipc={config.ipc}"
+    return Distiller(backbone, objective, config, classes, init_dataset).run(callback, desc)
+
+
 def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, resolution: int = 64, *,
         crop: int | None = None, augs: int = 1, lr: float | None = None, schedule: str = "constant",
-        param: str = "pixels",
-        grow_every: int = 200, init: str = "noise", init_dataset=None, loss: str = "flow",
+        param: str = "pixels", grow_every: int = 200, init: str = "noise", init_dataset=None, loss: str = "flow",
         subclass: bool = False, ema: float = 0.0, augment: Augment | None = None, seed: int = 0,
-        two_pass: bool = False,
-        chunk_size: int = 256, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-        resume: bool = False, progress: bool = True, callback=None) -> DistilledSet:
+        two_pass: bool | None = None, chunk_size: int | None = None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
+        progress: bool = True, callback=None, compile: bool = False) -> DistilledSet:
     """Distil ``ipc`` images per class by statistical flow matching.
 
     Each step: x̃ = decode(θ); A = ``augs`` augmented views per image; z = φ(normalise(aug(x̃)));
     L = 1 − cos(vec F̃(z), vec F(μ)); Adam step on θ. The backbone runs in bf16 autocast on CUDA.
 
-    ``param`` "pixels" or "pyramid" (levels added every ``grow_every`` steps, Adam re-created then);
-    ``init`` "noise", "real" (random real images of ``init_dataset``) or a tensor of start images
-    (class-major, e.g. the real images nearest each class mean); ``loss`` "flow" or "mse";
-    ``subclass`` matches image j of class c to the j-th k-means centre (needs ``stats.centres``).
-    ``ema`` = β ∈ [0, 1): the loss sees the synthetic class means averaged over steps, s̄_t = β s̄_{t−1} +
-    (1 − β) s_t, while the gradient flows through the current views (see :class:`SFMObjective`); β = 0.7
-    gives about the accuracy of twice the views per step at the cost of one.
-    ``two_pass``: memory-bounded backward (see :func:`step_gradient`), same gradient.
-    ``checkpoint``: written atomically every ``checkpoint_every`` steps and at the end (images, optimizer,
-    every RNG state, step, loss history); ``resume=True`` continues from it and ends with exactly the
-    images of an uninterrupted run. ``callback(step, loss, images)`` is called after every step (e.g.
-    :class:`Snapshots`).
+    ``loss`` "flow" or "mse"; ``subclass`` matches image j of class c to the j-th k-means centre (needs
+    ``stats.centres``); ``ema`` = β ∈ [0, 1): the loss sees the synthetic class means averaged over steps,
+    s̄_t = β s̄_{t−1} + (1 − β) s_t, while the gradient flows through the current views (see
+    :class:`SFMObjective`); β = 0.7 gives about the accuracy of twice the views per step at the cost of one.
+    The other arguments are those of :class:`DistillConfig` (``init_dataset`` for ``init="real"``);
+    ``callback(step, loss, images)`` is called after every step (e.g. :class:`Snapshots`).
     """
-    if ipc < 1:
-        raise ValueError(f"ipc must be ≥ 1, got {ipc}")
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if steps < 0 or augs < 1 or chunk_size < 1 or checkpoint_every < 1:
-        raise ValueError(f"need steps ≥ 0, augs ≥ 1, chunk_size ≥ 1, checkpoint_every ≥ 1 "
-                         f"(got {steps}, {augs}, {chunk_size}, {checkpoint_every})")
     stats.check_compatible(backbone)
-    crop = crop or resolution
-    if stats.meta.get("resolution") not in (None, crop):
+    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
+                           schedule=schedule, param=param, grow_every=grow_every, init=init,
+                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                           progress=progress, compile=compile)
+    config.check()
+    if stats.meta.get("resolution") not in (None, config.crop_size):
         warnings.warn(f"statistics were extracted at {stats.meta['resolution']} px but the backbone sees "
-                      f"{crop} px views: features depend on the input size", stacklevel=2)
-    lr = DEFAULT_LR.get(param, 0.01) if lr is None else lr
-    augment = augment or Augment()
-    dev = backbone.device
-    C = stats.num_classes
-    labels = torch.arange(C, device=dev).repeat_interleave(ipc)
-    slots = torch.arange(ipc, device=dev).repeat(C)
-    objective = SFMObjective(stats, dev, loss, subclass, ipc, ema)
-    config = {"method": "sfm", "backbone": backbone.name, "ipc": ipc, "steps": steps, "resolution": resolution,
-              "crop": crop, "augs": augs, "lr": lr, "schedule": schedule, "param": param, "grow_every": grow_every,
-              "init": "images" if isinstance(init, torch.Tensor) else init, "loss": loss, "subclass": subclass,
-              "ema": ema, "seed": seed, "augment": dataclasses.asdict(augment), "two_pass": two_pass,
-              "dataset": stats.meta.get("dataset"), "stats_resolution": stats.meta.get("resolution")}
+                      f"{config.crop_size} px views: features depend on the input size", stacklevel=2)
+    objective = SFMObjective(stats, backbone.device, loss, subclass, ipc, ema)
+    result = run(backbone, objective, config, stats.classes, init_dataset=init_dataset, callback=callback)
+    result.meta.update(loss=loss, subclass=subclass, ema=ema, dataset=stats.meta.get("dataset"),
+                       stats_resolution=stats.meta.get("resolution"))
+    return result
 
-    image_gen = torch.Generator().manual_seed(seed)
-    kw = {"grow_every": grow_every} if param == "pyramid" else {}
-    images = _initial_images(param, labels.cpu(), resolution, init, init_dataset, seed, image_gen, **kw).to(dev)
-    aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    make_opt = lambda: torch.optim.Adam(images.parameters(), lr=lr)  # noqa: E731
-    opt, start, history = make_opt(), 0, []
 
-    ckpt = Path(checkpoint) if checkpoint else None
-    if resume and ckpt is not None and ckpt.is_file():
-        state = _load_checkpoint(ckpt)
-        keys = ("ipc", "resolution", "crop", "param", "loss", "subclass", "ema", "seed", "backbone", "augs", "lr",
-                "schedule", "init")
-        saved = {"ema": 0.0, **state["config"]}  # checkpoints from before the ema option ran without it
-        diff = {k: (saved.get(k), config[k]) for k in keys if saved.get(k) != config[k]}
-        if diff:
-            raise ValueError(f"checkpoint {ckpt} was made with other settings (saved, now): {diff}")
-        images.load_state_dict(state["images"])
-        images.to(dev)
-        opt = make_opt()
-        opt.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state.get("objective", {}))
-        image_gen.set_state(state["image_rng"])
-        aug_gen.set_state(state["aug_rng"])  # generator states are CPU byte tensors, CUDA ones too
-        start, history = int(state["step"]), list(state["history"])
-    elif resume and ckpt is None:
-        raise ValueError("resume=True needs a checkpoint path")
-    elif not resume and ckpt is not None and ckpt.exists():
-        raise FileExistsError(f"checkpoint {ckpt} exists: pass resume=True (--resume) to continue that run, "
-                              f"or delete it to start over")
+def lgm(backbone: Backbone, dataset, ipc: int = 1, steps: int = 1000, resolution: int = 64, *,
+        crop: int | None = None, augs: int = 10, lr: float | None = None, schedule: str = "constant",
+        param: str = "pixels", grow_every: int = 200, init: str = "noise", init_dataset=None,
+        head_std: float = 0.01, balanced: bool = False, augment: Augment | None = None, seed: int = 0,
+        two_pass: bool | None = None, chunk_size: int | None = None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
+        progress: bool = True, callback=None, compile: bool = False) -> DistilledSet:
+    """Distil ``ipc`` images per class of ``dataset`` (the real training set) by linear gradient matching.
 
-    def snapshot(step: int) -> dict:
-        return {"config": config, "step": step, "history": history, "images": images.state_dict(),
-                "optimizer": opt.state_dict(), "objective": objective.state_dict(),
-                "image_rng": image_gen.get_state(), "aug_rng": aug_gen.get_state().cpu()}
-
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), desc=f"SFM {backbone.name} ipc={ipc}", disable=not progress,
-               initial=start, total=steps, mininterval=1.0)
-    for step in bar:
-        if images.grow(step):
-            opt = make_opt()
-        params = augment.sample(len(labels) * augs, aug_gen)
-        opt.zero_grad(set_to_none=True)
-        value = step_gradient(images, backbone, objective, augment, params, labels, slots, augs, crop,
-                              two_pass=two_pass, chunk_size=chunk_size)
-        if not math.isfinite(value):
-            kept = f"the last good checkpoint is kept at {ckpt}" if ckpt and ckpt.is_file() else "no checkpoint"
-            raise FloatingPointError(f"the loss became {value} at step {step}; {kept}. Try a lower lr "
-                                     f"(now {lr}).")
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, schedule)
-        opt.step()
-        history.append(value)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        if callback is not None:
-            callback(step, value, images)
-        if ckpt is not None and (step + 1) % checkpoint_every == 0:
-            _save_checkpoint(ckpt, snapshot(step + 1))
-    bar.close()
-    if ckpt is not None and steps > start:
-        _save_checkpoint(ckpt, snapshot(steps))
-    with torch.no_grad():
-        final = images.decode().float().cpu()
-    meta = {**config, "loss_history": history, "time_s": round(time.perf_counter() - t0, 2),
-            "num_classes": C}
-    return DistilledSet(final, labels.cpu(), list(stats.classes), meta)
+    Each step (see :class:`LGMObjective`): a fresh head W ~ N(0, ``head_std``²), b = 0; a real batch of
+    ipc·A·C images (shuffled; ``balanced``: class-balanced), each augmented once; A = ``augs`` views of every
+    synthetic image; L = 1 − cos(vec ∂CE_real/∂(W,b), vec ∂CE_syn/∂(W,b)); Adam step on the images. The real
+    and synthetic views share ``augment``. ``init="real"`` draws from ``init_dataset`` (default ``dataset``).
+    The other arguments are those of :class:`DistillConfig`.
+    """
+    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
+                           schedule=schedule, param=param, grow_every=grow_every, init=init,
+                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                           progress=progress, compile=compile)
+    config.check()
+    objective = LGMObjective(dataset, backbone, ipc=ipc, augs=augs, resolution=resolution, crop=crop,
+                             augment=config.augment, head_std=head_std, balanced=balanced, seed=seed)
+    result = run(backbone, objective, config, dataset.classes, callback=callback,
+                 init_dataset=dataset if init_dataset is None else init_dataset)
+    result.meta.update(head_std=head_std, balanced=balanced, dataset=getattr(dataset, "name", None))
+    return result

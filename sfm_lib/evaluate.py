@@ -37,8 +37,7 @@ from . import data as data_mod
 from . import features as features_mod
 from .augment import Augment
 from .backbones import Backbone, square_resize
-from .data import TensorImageDataset
-from .distill import DistilledSet
+from .data import DistilledSet, TensorImageDataset
 from .stats import ClassStats
 from .utils import resolve_device
 
@@ -154,7 +153,7 @@ def _train_probes(feats: Tensor, labels: Tensor, num_classes: int, *, epochs: in
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = torch.arange(S, device=dev)[:, None]
     total, step = epochs * math.ceil(N / B), 0
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     with _one_thread(dev):
         for _ in tqdm(range(epochs), desc="probe", unit="epoch", disable=not progress, mininterval=2.0):

@@ -2,7 +2,7 @@
 
 - :func:`prepare` loads the data, the frozen backbone and the class statistics (cached on disk, so a
   later chapter does not redo the first chapter's pass).
-- :func:`distilled` runs :func:`sfm_lib.distill.sfm`, or returns the result of an identical earlier call.
+- :func:`distilled` runs :func:`sfm_lib.distill.sfm` (or ``lgm``), or returns the result of an identical earlier call.
 - :func:`sweep` distils and probes a set of variants and returns a tidy table; :data:`ABLATIONS` holds the
   standard ones (augmented views, smoothing, parameterisation, loss, sub-class targets, IPC).
 """
@@ -90,18 +90,22 @@ def _describe(value: Any) -> Any:
     return value
 
 
-_SFM_SIGNATURE = inspect.signature(distill.sfm)
+_SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
 
 
-def distilled(ctx: Context, *, crop_scale: float | None = None, noise_p: float | None = None,
-              **kwargs) -> distill.DistilledSet:
-    """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)``, cached on disk by its
-    arguments and the statistics. With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run
-    always happens, since its side effects are wanted, and its result is stored for later calls.
+def distilled(ctx: Context, *, method: str = "sfm", crop_scale: float | None = None, noise_p: float | None = None,
+              **kwargs) -> data.DistilledSet:
+    """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)`` (``method="lgm"``:
+    ``distill.lgm(ctx.backbone, ctx.train, ...)``), cached on disk by its arguments and the statistics (LGM:
+    the training set). With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run always happens,
+    since its side effects are wanted, and its result is stored for later calls. The memory plan
+    (``two_pass``, ``chunk_size``) and ``compile`` are not part of the key: they do not change the result.
 
     Shorthands: ``crop_scale`` (smallest crop area) and ``noise_p`` build the ``augment``; ``init="real"``
     takes random images of ``ctx.train``; ``init="centroids"`` starts from the real images whose features are
     nearest the class means."""
+    if method not in _SIGNATURES:
+        raise ValueError(f"method must be one of {sorted(_SIGNATURES)}, got {method!r}")
     kwargs.setdefault("resolution", ctx.resolution)
     kwargs.setdefault("progress", False)
     if crop_scale is not None or noise_p is not None:
@@ -111,22 +115,27 @@ def distilled(ctx: Context, *, crop_scale: float | None = None, noise_p: float |
                                                 noise_p=base.noise_p if noise_p is None else noise_p)
     if kwargs.get("init") == "real":
         kwargs.setdefault("init_dataset", ctx.train)
-    # the key holds every argument of sfm() with its default filled in, so equal runs share one file
-    bound = _SFM_SIGNATURE.bind_partial(ctx.backbone, ctx.stats, **kwargs)
+    source = ctx.stats if method == "sfm" else ctx.train
+    # the key holds every argument of the method with its default filled in, so equal runs share one file
+    bound = _SIGNATURES[method].bind_partial(ctx.backbone, source, **kwargs)
     bound.apply_defaults()
     described = {k: _describe(v) for k, v in bound.arguments.items()
-                 if k not in ("backbone", "stats", "callback", "progress")}
-    tensors = [ctx.stats.means] + ([ctx.stats.centres] if kwargs.get("subclass") else [])
-    fingerprint = hashlib.sha1(b"".join(t.double().numpy().tobytes() for t in tensors)).hexdigest()
-    blob = json.dumps({"args": described, "stats": fingerprint, "backbone": ctx.backbone.name}, sort_keys=True,
-                      default=str)
-    path = cache_dir() / "distilled" / f"sfm-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.safetensors"
+                 if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass",
+                              "chunk_size")}
+    if method == "sfm":
+        tensors = [ctx.stats.means] + ([ctx.stats.centres] if kwargs.get("subclass") else [])
+        fingerprint = hashlib.sha1(b"".join(t.double().numpy().tobytes() for t in tensors)).hexdigest()
+    else:
+        fingerprint = _describe(ctx.train)
+    blob = json.dumps({"method": method, "args": described, "stats": fingerprint, "backbone": ctx.backbone.name},
+                      sort_keys=True, default=str)
+    path = cache_dir() / "distilled" / f"{method}-{hashlib.sha1(blob.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file() and kwargs.get("callback") is None:
-        return distill.DistilledSet.load(path)
+        return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
         kwargs["init"] = torch.stack([img for img, _ in nearest])
-    result = distill.sfm(ctx.backbone, ctx.stats, **kwargs)
+    result = getattr(distill, method)(ctx.backbone, source, **kwargs)
     result.meta["init"] = described.get("init", "noise")
     result.save(path)
     return result
@@ -137,7 +146,8 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
           views: int = 40, progress: bool = False) -> "pd.DataFrame":
     """Distil every variant (``base`` updated by the variant's keywords) once per distillation seed, probe
     each result with ``probe_seeds``; one row per (variant, distillation seed): ``variant``,
-    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``, ``distill_time_s``."""
+    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``. No timing column: a row may come from the
+    cache, measured in another run under other conditions than the rows beside it."""
     import pandas as pd
 
     rows = []
@@ -149,6 +159,5 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
                                           seeds=probe_seeds, views=views)
             hist = result.meta.get("loss_history") or [float("nan")]
             rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
-                         "top1_std": probe.top1_std, "final_loss": hist[-1],
-                         "distill_time_s": result.meta.get("time_s")})
+                         "top1_std": probe.top1_std, "final_loss": hist[-1]})
     return pd.DataFrame(rows)

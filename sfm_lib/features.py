@@ -46,7 +46,7 @@ def iterate(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
             num_workers: int | None = None, progress: bool = True, desc: str = "features"
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(φ(preprocess(x)) [B, D] float32 on the backbone's device, labels [B])`` over ``dataset`` in order."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress,
                                       mininterval=2.0) as bar:

@@ -55,7 +55,7 @@ def _grads(lite0, stats, kind, two_pass, chunk_size, ipc=2, augs=2, ema=0.0):
     params = aug.sample(C * ipc * augs, torch.Generator().manual_seed(7))
     loss = distill.step_gradient(images, lite0, objective, aug, params, labels, slots, augs, RES,
                                  two_pass=two_pass, chunk_size=chunk_size)
-    return loss, [p.grad.clone() for p in images.parameters()]
+    return float(loss), [p.grad.clone() for p in images.parameters()]
 
 
 @pytest.mark.parametrize("kind,ema", [("pixels", 0.0), ("pyramid", 0.0), ("pixels", 0.7)])
@@ -196,7 +196,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lite0, toy_stats, tmp
     def flaky(*a, **k):
         calls["n"] += 1
         value = real_step(*a, **k)
-        return float("nan") if calls["n"] == 4 else value
+        return torch.tensor(float("nan")) if calls["n"] == 4 else value
 
     monkeypatch.setattr(distill, "step_gradient", flaky)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
@@ -303,3 +303,125 @@ def test_gradient_agreement_against_a_hand_computation(lite0, toy_stats):
     assert got["ema β=0.5"].tolist() == pytest.approx([cos(grad(ema2), ref), cos(grad(ema3), ref)], abs=1e-5)
     with pytest.raises(ValueError, match="draws"):
         distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(8,))
+
+
+def test_class_means_by_reshape_equal_the_index_path():
+    from sfm_lib.objectives import ViewLayout
+
+    augs, ipc, dim = 3, 2, 5
+    z = torch.randn(augs * C * ipc, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(C).repeat_interleave(ipc).repeat(augs)  # copy-major views of class-major images
+    slots = torch.arange(ipc).repeat(C).repeat(augs)
+    layout = ViewLayout(augs, C, ipc)
+    torch.testing.assert_close(layout.class_means(z), flow.class_means(z, labels, C), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layout.subclass_means(z), flow.subclass_means(z, labels, slots, C, ipc),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="augs=3"):
+        layout.class_means(z[:-1])
+
+
+def test_objectives_read_nothing_back_to_the_host(lite0, toy_stats, monkeypatch):
+    """With the layout the SFM loss (class means, flow, ema) runs without .item() / .tolist()."""
+    from sfm_lib.objectives import ViewLayout
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync inside the step")
+
+    z = torch.randn(2 * C, lite0.feature_dim)
+    labels = torch.arange(C).repeat(2)
+    for kw in ({}, {"ema": 0.5}, {"subclass": True, "ipc": 1}):
+        obj = distill.SFMObjective(toy_stats, lite0.device, **kw)
+        obj.layout = ViewLayout(2, C, 1)
+        monkeypatch.setattr(torch.Tensor, "item", forbidden)
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        obj(z, labels, labels * 0)
+        obj(z, labels, labels * 0)
+        monkeypatch.undo()
+    with pytest.raises(AssertionError, match="host sync"):  # guard: the general path does read back
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        distill.SFMObjective(toy_stats, lite0.device)(z, labels, labels * 0)
+
+
+def test_resume_names_every_difference(lite0, toy_stats, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _run(lite0, toy_stats, checkpoint=ckpt, steps=2, schedule="cosine", param="pyramid", grow_every=1)
+    other_stats = ClassStats(toy_stats.means + 1e-9, toy_stats.counts, toy_stats.classes, dict(toy_stats.meta),
+                             toy_stats.centres)
+    with pytest.raises(ValueError, match="other settings") as info:
+        _run(lite0, other_stats, checkpoint=ckpt, resume=True, steps=3, schedule="cosine", param="pyramid",
+             grow_every=2, augment=Augment(noise_p=0.1), ema=0.5)
+    msg = str(info.value)
+    for key in ("steps: 2 in the checkpoint, 3 now", "grow_every: 1 in the checkpoint, 2 now", "augment:",
+                "sfm.statistics:", "sfm.ema: 0.0 in the checkpoint, 0.5 now"):
+        assert key in msg
+    # a constant schedule does not depend on the number of steps: a finished run may be extended
+    ckpt2 = tmp_path / "d.pt"
+    short = _run(lite0, toy_stats, checkpoint=ckpt2, steps=2)
+    longer = _run(lite0, toy_stats, checkpoint=ckpt2, steps=3, resume=True)
+    assert longer.meta["loss_history"][:2] == short.meta["loss_history"]
+    assert len(longer.meta["loss_history"]) == 3
+
+
+def test_non_finite_loss_names_the_step(lite0, toy_stats, monkeypatch):
+    real_step = distill.step_gradient
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        value = real_step(*a, **k)
+        return torch.tensor(float("inf")) if calls["n"] == 3 else value
+
+    monkeypatch.setattr(distill, "step_gradient", flaky)
+    with pytest.raises(FloatingPointError, match=r"inf at step 2 \(found when reading back steps 0–4\)"):
+        _run(lite0, toy_stats, steps=5)
+
+
+def test_out_of_memory_names_the_setting_to_lower(lite0, toy_stats, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(distill, "step_gradient", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="--two-pass") as info:
+        _run(lite0, toy_stats, augs=2)
+    assert "--augs, now 2" in str(info.value) and "--ipc" in str(info.value)
+    with pytest.raises(torch.OutOfMemoryError, match="--chunk-size, now 4"):
+        _run(lite0, toy_stats, two_pass=True, chunk_size=4)
+
+
+def test_compile_flag_compiles_a_copy_of_the_backbone(lite0, toy_stats, monkeypatch):
+    compiled = []
+
+    def fake_compile(model, **kw):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = _run(lite0, toy_stats, steps=1, compile=True)
+    assert compiled == [lite0.model] and out.meta["compile"] is True
+    _run(lite0, toy_stats, steps=1)
+    assert len(compiled) == 1
+
+
+def test_memory_plan_on_cpu_is_explicit(lite0, toy_stats):
+    stats_cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), stats_cfg, toy_stats.classes)
+    assert d.plan_memory() == (False, 256)
+    cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES, two_pass=True, chunk_size=7)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), cfg, toy_stats.classes)
+    assert d.plan_memory() == (True, 7)
+
+
+def test_memory_plan_on_cuda_from_free_memory(lite0, toy_stats, monkeypatch):
+    """The automatic plan with a stand-in for the CUDA queries: one pass when all views fit in 80 % of the
+    free memory (after images, gradients, Adam state), else two-pass with the largest chunk that fits."""
+    cfg = distill.DistillConfig(ipc=2, steps=1, resolution=RES, augs=4)  # 24 views
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device, ipc=2), cfg, toy_stats.classes)
+    fixed = 4 * C * 2 * 3 * RES * RES * 4
+    monkeypatch.setattr(d, "_bytes_per_view", lambda: 1000.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    for free, expected in [((fixed + 24_000) / 0.8 + 10, (False, 24)), ((fixed + 10_000) / 0.8 + 10, (True, 10))]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None, f=free: (int(f), 10**12))
+        d.two_pass, d.chunk_size = None, None
+        assert d.plan_memory() == expected
+    d.two_pass, d.chunk_size = True, None  # an explicit two-pass keeps its setting, the chunk is planned
+    assert d.plan_memory() == (True, 10)

@@ -1,0 +1,320 @@
+"""What a distillation step minimises: SFM and LGM as objectives of one loop (method.md §3, §5).
+
+An objective maps the features z [M, D] of M = A·N augmented synthetic views (view v shows image v mod N,
+"copy-major"; images class-major, ``ipc`` per class) to a scalar loss, differentiable in z. The loop
+(:mod:`sfm_lib.distill`) does everything else. Interface:
+
+- ``method`` ("sfm" / "lgm"), ``num_classes``;
+- ``begin_step(backbone)``: draw what the step needs besides the synthetic views (LGM: a head, a real batch);
+- ``__call__(z, labels, slots)`` → loss; the attribute ``layout`` (:class:`ViewLayout`, set once per run
+  by the loop, which builds its labels in that order) makes class means a reshape (deterministic, no
+  index_add, no host sync) for inputs of the layout's size; None (the default): the general index path;
+- ``identity()``: everything of the objective that changes the result (resume compares it);
+- ``state_dict()`` / ``load_state_dict()``: its own state for exact resume.
+
+Because the loss depends on the images only through z, the loop's two-pass backward (features without a
+graph, ∂L/∂z, chunked re-forward) is exact for both objectives: LGM's second-order graph runs through the
+linear head only, never through the backbone.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from . import flow
+from .augment import Augment
+from .backbones import Backbone, square_resize
+from .stats import ClassStats
+
+__all__ = ["ViewLayout", "SFMObjective", "LGMObjective", "RealStream", "head_gradient", "tensor_hash"]
+
+
+def tensor_hash(*tensors: Tensor | None) -> str:
+    """SHA-1 (16 hex digits) of the tensors' bytes, shapes and dtypes (None entries included as such)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """The standard order of M = augs·C·ipc views: index v = (a·C + c)·ipc + j is copy a of image j of class c.
+
+    Then the per-class mean is z.view(A, C, ipc, D).mean((0, 2)) — equal to :func:`flow.class_means` with
+    labels = arange(C).repeat_interleave(ipc).repeat(A), but a reshape and a sum in a fixed order."""
+
+    augs: int
+    num_classes: int
+    ipc: int
+
+    def fits(self, z: Tensor) -> bool:
+        return z.dim() == 2 and z.shape[0] == self.augs * self.num_classes * self.ipc
+
+    def check(self, z: Tensor) -> Tensor:
+        m = self.augs * self.num_classes * self.ipc
+        if z.dim() != 2 or z.shape[0] != m:
+            raise ValueError(f"expected [{m}, D] features (augs={self.augs} × C={self.num_classes} × "
+                             f"ipc={self.ipc}), got {tuple(z.shape)}")
+        return z.view(self.augs, self.num_classes, self.ipc, z.shape[1])
+
+    def class_means(self, z: Tensor) -> Tensor:
+        """[C, D] per-class means."""
+        return self.check(z).mean(dim=(0, 2))
+
+    def subclass_means(self, z: Tensor) -> Tensor:
+        """[C, ipc, D] per-(class, image) means over the copies."""
+        return self.check(z).mean(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------- SFM
+class SFMObjective:
+    """L = 1 − cos(vec F̃, vec F) with F the real flow of the class means and F̃ that of the synthetic
+    features (per-class mean first). ``loss="mse"``: the decoupled ablation, MSE to the class means.
+    ``subclass=True``: image j of class c is matched to the j-th k-means centre of class c (see
+    :func:`sfm_lib.flow.subclass_real_flow`). ``ema`` = β > 0: the synthetic statistic (class means, or
+    per-(class, slot) means) enters the loss as a running average over calls with the gradient of the
+    current call (:func:`sfm_lib.flow.straight_through_ema`); the average is in :meth:`state_dict`."""
+
+    method = "sfm"
+
+    def __init__(self, stats: ClassStats, device: torch.device, loss: str = "flow", subclass: bool = False,
+                 ipc: int = 1, ema: float = 0.0):
+        if loss not in ("flow", "mse"):
+            raise ValueError(f"loss must be 'flow' or 'mse', got {loss!r}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must lie in [0, 1) (0: off), got {ema}")
+        self.stats = stats
+        self.num_classes = self.C = stats.num_classes
+        self.loss, self.subclass, self.ipc, self.ema = loss, subclass, ipc, ema
+        self.running: Tensor | None = None
+        self.layout: ViewLayout | None = None
+        means = stats.means.double()
+        self.means = means.float().to(device)
+        self.target = flow.real_flow(means).float().to(device)
+        if subclass:
+            if loss != "flow":
+                raise ValueError("sub-class targets work with loss='flow' only")
+            if stats.centres is None or stats.centres.shape[1] < ipc:
+                have = 0 if stats.centres is None else stats.centres.shape[1]
+                raise ValueError(f"sub-class targets need ≥ ipc={ipc} k-means centres per class in the statistics, "
+                                 f"found {have}; re-run `python -m sfm_lib stats --kmeans {ipc} ...`")
+            self.target = flow.subclass_real_flow(means, stats.centres[:, :ipc].double()).float().to(device)
+
+    def identity(self) -> dict[str, Any]:
+        centres = self.stats.centres[:, :self.ipc] if self.subclass else None
+        return {"loss": self.loss, "subclass": self.subclass, "ema": self.ema,
+                "statistics": tensor_hash(self.stats.means, self.stats.counts, centres)}
+
+    def begin_step(self, backbone: Backbone | None = None) -> None:
+        """Nothing to draw: the target is fixed."""
+
+    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
+        layout = self.layout if self.layout is not None and self.layout.fits(z) else None
+        if self.subclass:
+            stat = (layout.subclass_means(z) if layout is not None
+                    else flow.subclass_means(z, labels, slots, self.C, self.ipc))
+        else:
+            stat = layout.class_means(z) if layout is not None else flow.class_means(z, labels, self.C)
+        if self.ema:
+            stat, self.running = flow.straight_through_ema(stat, self.running, self.ema)
+        if self.loss == "mse":
+            return flow.decoupled_loss(stat, self.means)
+        if self.subclass:
+            return flow.sfm_loss(flow.subclass_real_flow(stat.mean(1), stat), self.target)
+        return flow.sfm_loss(flow.real_flow(stat), self.target)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The running average (empty before the first call or with ``ema`` = 0)."""
+        return {} if self.running is None else {"running": self.running.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        running = state.get("running")
+        self.running = None if running is None else running.to(self.means.device)
+
+
+# ----------------------------------------------------------------------------------------------------- LGM
+def head_gradient(z: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
+                  create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """Gradient of the mean cross-entropy CE = (1/N) Σ_i −log softmax(W z_i + b)_{y_i} w.r.t. the head:
+
+        ∂CE/∂W = (P − Y)ᵀ Z / N,   ∂CE/∂b = (P − Y)ᵀ 1 / N,   P = softmax(Z Wᵀ + b), Y one-hot
+
+    computed by autograd in float32 or wider. ``create_graph=True`` keeps it differentiable w.r.t. ``z``
+    (LGM's synthetic side)."""
+    dtype = torch.promote_types(torch.promote_types(z.dtype, weight.dtype), torch.float32)
+    w = weight.detach().to(dtype).requires_grad_(True)
+    b = bias.detach().to(dtype).requires_grad_(True)
+    with torch.enable_grad():
+        ce = F.cross_entropy(z.to(dtype) @ w.t() + b, labels)
+        gw, gb = torch.autograd.grad(ce, (w, b), create_graph=create_graph)
+    return gw, gb
+
+
+def _seed_of(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def _gather(dataset: Dataset, idx: Tensor, resolution: int) -> Tensor:
+    """Images ``idx`` of ``dataset`` as float [B, 3, resolution, resolution] in [0, 1] (CPU): one vectorised
+    gather where the dataset has ``.batch`` (Fashion-MNIST, also under a Subset), else item by item."""
+    base, where = dataset, idx
+    while isinstance(base, Subset):
+        where = torch.as_tensor(base.indices, dtype=torch.long)[where]
+        base = base.dataset
+    if hasattr(base, "batch"):
+        return square_resize(base.batch(where)[0], resolution)
+    return torch.stack([square_resize(dataset[i][0], resolution) for i in idx.tolist()])
+
+
+class RealStream:
+    """An endless, reproducible stream of real training images: each epoch a fresh permutation drawn from
+    (``seed``, pool, epoch), consumed in order; a batch may run into the next epoch. ``balanced=False``: one
+    pool of every image (shuffled, classes as they come); ``balanced=True``: one pool per class and
+    ``batch_size // C`` images of each class per batch. The position (epoch, index per pool) is the state."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, balanced: bool = False):
+        targets = torch.as_tensor(dataset.targets, dtype=torch.long)
+        self.dataset, self.batch_size, self.seed, self.balanced = dataset, int(batch_size), int(seed), balanced
+        C = len(dataset.classes)
+        if balanced:
+            if batch_size % C:
+                raise ValueError(f"a class-balanced batch needs a batch size divisible by C={C}, got {batch_size}")
+            self.pools = [torch.nonzero(targets == c).flatten() for c in range(C)]
+            empty = [c for c, p in enumerate(self.pools) if len(p) == 0]
+            if empty:
+                raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: classes without any image: {empty}")
+            self.take = [batch_size // C] * C
+        else:
+            if len(targets) == 0:
+                raise ValueError("the real dataset is empty")
+            self.pools, self.take = [torch.arange(len(targets))], [batch_size]
+        self.targets = targets
+        self.position = torch.zeros(len(self.pools), 2, dtype=torch.long)  # (epoch, index) per pool
+        self._perm: dict[int, tuple[int, Tensor]] = {}
+
+    def _permutation(self, p: int, epoch: int) -> Tensor:
+        cached = self._perm.get(p)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(_seed_of(self.seed, p, epoch))
+            cached = (epoch, self.pools[p][torch.randperm(len(self.pools[p]), generator=g)])
+            self._perm[p] = cached
+        return cached[1]
+
+    def next_indices(self) -> Tensor:
+        """Dataset indices of the next batch (and advance)."""
+        out = []
+        for p, want in enumerate(self.take):
+            epoch, pos = (int(v) for v in self.position[p])
+            while want > 0:
+                perm = self._permutation(p, epoch)
+                got = perm[pos:pos + want]
+                out.append(got)
+                want -= len(got)
+                pos += len(got)
+                if pos >= len(perm):
+                    epoch, pos = epoch + 1, 0
+            self.position[p] = torch.tensor([epoch, pos])
+        return torch.cat(out)
+
+    def next(self, resolution: int) -> tuple[Tensor, Tensor]:
+        """Next batch: images [B, 3, r, r] (CPU, float in [0, 1]) and labels [B]."""
+        idx = self.next_indices()
+        return _gather(self.dataset, idx, resolution), self.targets[idx]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"position": self.position.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pos = state["position"]
+        if pos.shape != self.position.shape:
+            raise ValueError(f"stream position of shape {tuple(pos.shape)} does not fit {len(self.pools)} pool(s)")
+        self.position = pos.clone().long()
+
+
+def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    targets = torch.as_tensor(dataset.targets, dtype=torch.long)
+    return {"dataset": getattr(dataset, "name", type(dataset).__name__), "split": getattr(dataset, "split", None),
+            "images": len(targets), "labels": tensor_hash(targets)}
+
+
+class LGMObjective:
+    """Linear gradient matching, one step (method.md §5):
+
+    1. a fresh head W ~ N(0, ``head_std``²) [C, D], b = 0, from the objective's own generator;
+    2. a real batch of ipc·A·C training images from a :class:`RealStream` (shuffled; ``balanced``: the same
+       number per class), each augmented once, features without a graph; g_real = ∂CE/∂(W, b);
+    3. on the A·N synthetic views z: g_syn = ∂CE/∂(W, b) with ``create_graph``;
+    4. L = 1 − cos(vec g_real, vec g_syn).
+
+    State for resume: the generator (heads and real-batch augmentation) and the stream position."""
+
+    method = "lgm"
+
+    def __init__(self, dataset: Dataset, backbone: Backbone, *, ipc: int = 1, augs: int = 10,
+                 resolution: int = 64, crop: int | None = None, augment: Augment | None = None,
+                 head_std: float = 0.01, balanced: bool = False, seed: int = 0):
+        if head_std < 0:
+            raise ValueError(f"head_std must be ≥ 0, got {head_std}")
+        if not hasattr(dataset, "targets") or not hasattr(dataset, "classes"):
+            raise ValueError("LGM needs a real training set with .targets and .classes (e.g. data.load(...))")
+        self.dataset, self.backbone = dataset, backbone
+        self.num_classes = len(dataset.classes)
+        self.ipc, self.augs, self.resolution = ipc, augs, resolution
+        self.crop = crop or resolution
+        self.augment = augment or Augment()
+        self.head_std, self.balanced, self.seed = float(head_std), bool(balanced), int(seed)
+        self.device = backbone.device
+        self.stream = RealStream(dataset, ipc * augs * self.num_classes, seed=seed, balanced=balanced)
+        self.generator = torch.Generator(device=self.device).manual_seed(_seed_of(seed, "lgm"))
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        self.g_real: Tensor | None = None
+        self.layout: ViewLayout | None = None  # unused: the head gradient needs per-view labels anyway
+
+    def identity(self) -> dict[str, Any]:
+        return {"head_std": self.head_std, "balanced": self.balanced, "real_augment": asdict(self.augment),
+                **_dataset_identity(self.dataset)}
+
+    def real_batch(self) -> tuple[Tensor, Tensor]:
+        """The next real batch, augmented once per image, on the device: views [B, 3, crop, crop], labels."""
+        x, y = self.stream.next(self.resolution)
+        x = x.to(self.device, non_blocking=True)
+        params = self.augment.sample(len(x), self.generator)
+        return self.augment.apply(x, params, self.crop), y.to(self.device, non_blocking=True)
+
+    def begin_step(self, backbone: Backbone | None = None) -> None:
+        """Draw the head and the real batch; g_real = ∂CE/∂(W, b) on the real features (no graph)."""
+        backbone = backbone or self.backbone
+        D = self.backbone.feature_dim
+        self.weight = self.head_std * torch.randn(self.num_classes, D, generator=self.generator, device=self.device)
+        self.bias = torch.zeros(self.num_classes, device=self.device)
+        views, y = self.real_batch()
+        with torch.no_grad():
+            z = backbone(backbone.preprocess(views, self.crop))
+        gw, gb = head_gradient(z, y, self.weight, self.bias)
+        self.g_real = torch.cat([gw.flatten(), gb]).detach()
+
+    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
+        if self.g_real is None:
+            raise RuntimeError("LGMObjective: call begin_step() before the loss (it draws the head and real batch)")
+        gw, gb = head_gradient(z, labels, self.weight, self.bias, create_graph=True)
+        return flow.sfm_loss(torch.cat([gw.flatten(), gb]), self.g_real)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state().cpu(), **self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.stream.load_state_dict(state)

@@ -1,0 +1,124 @@
+"""The browser check of the built book (scripts/check_book.py) on tiny hand-made pages."""
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("check_book", ROOT / "scripts" / "check_book.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+check_book = _load()
+pytestmark = pytest.mark.skipif(check_book.find_browser() is None,
+                                reason="no headless Chromium (apt-get install chromium-headless-shell)")
+
+
+def _png(width: int = 4, height: int = 3) -> bytes:
+    """A red RGB PNG, written by hand."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + b"\xff\0\0" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _page(body: str, head: str = "") -> str:
+    return f'<!doctype html><html><head><meta charset="utf-8">{head}</head><body>{body}</body></html>'
+
+
+def _mathjax() -> Path | None:
+    """MathJax 3 as sphinx-mathjax-offline ships it (None where that package is missing)."""
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax" / "tex-chtml.js"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    site = tmp_path_factory.mktemp("html")
+    (site / "dot.png").write_bytes(_png())
+    output = '<div class="cell_output docutils container"><div class="output {kind}"><pre>{text}</pre></div></div>'
+    pages = {
+        # a clean page: a picture, a plain output, TeX-looking text only inside code
+        "good": _page('<p>Text.</p><img src="../dot.png">' + output.format(kind="stream", text="60,000 images")
+                      + r"<pre>print('$$ \frac')</pre>"),
+        "raw_tex": _page(r'<div class="math notranslate nohighlight">\[\mu_c = \frac{1}{n_c}\]</div>'),
+        "broken_image": _page('<p>Text.</p><img src="missing.png">'),
+        "traceback": _page(output.format(kind="traceback highlight-ipythontb",
+                                         text="Traceback (most recent call last):\nValueError: bad")),
+        "stderr": _page(output.format(kind="stderr", text="progress 10%")),
+        "warning": _page(output.format(kind="stream", text="UserWarning: something is off")),
+        "js_error": _page('<script>throw new Error("boom")</script><p>Text.</p>'),
+        "wide_code": _page('<div class="cell_input"><pre style="width: 300px; overflow: auto">'
+                           + "x = 1  # " + "long comment " * 10 + "</pre></div>"),
+    }
+    mathjax = _mathjax()
+    if mathjax is not None:
+        pages["math"] = _page(r'<div class="math notranslate nohighlight">\[\mu_c = \frac{1}{n_c}\]</div>',
+                              head=f'<script defer src="{mathjax.as_uri()}"></script>')
+    (site / "sub").mkdir()
+    (site / "_static").mkdir()
+    (site / "_static" / "asset.html").write_text(_page("not a page"))
+    for name, html in pages.items():
+        (site / ("sub" if name == "good" else ".") / f"{name}.html").write_text(html)
+    shots = site.parent / "shots"
+    found = check_book.check_book(site, shots, check_book.find_browser())
+    return {Path(r.path).stem: r for r in found}, shots
+
+
+def test_every_page_is_checked_and_photographed(reports):
+    found, shots = reports
+    assert "asset" not in found, "asset folders are not pages"
+    assert len(list(shots.glob("*.png"))) == len(found)
+    assert (shots / "sub__good.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_clean_page_passes(reports):
+    good = reports[0]["good"]
+    assert good.problems == [] and good.images == 1
+
+
+def test_raw_tex_is_caught(reports):
+    problems = reports[0]["raw_tex"].problems
+    assert any(p.startswith("raw TeX") for p in problems)
+    assert any("not rendered" in p for p in problems)
+
+
+def test_a_broken_image_is_caught(reports):
+    assert any(p == "image does not load: missing.png" for p in reports[0]["broken_image"].problems)
+
+
+@pytest.mark.parametrize("page, kind", [("traceback", "traceback"), ("stderr", "stderr output"),
+                                        ("warning", "warning")])
+def test_tracebacks_warnings_and_stderr_in_outputs_are_caught(reports, page, kind):
+    assert any(p.startswith(f"cell output with a {kind}") for p in reports[0][page].problems)
+
+
+def test_code_wider_than_its_box_is_caught(reports):
+    assert any(p.startswith("code cut at the right edge: 'x = 1") for p in reports[0]["wide_code"].problems)
+
+
+def test_a_javascript_error_is_caught(reports):
+    assert any("boom" in p for p in reports[0]["js_error"].problems)
+
+
+def test_formulas_rendered_by_the_bundled_mathjax_pass(reports):
+    if "math" not in reports[0]:
+        pytest.skip("sphinx-mathjax-offline is not installed")
+    math = reports[0]["math"]
+    assert math.problems == [] and math.formulas == 1
