@@ -34,32 +34,50 @@ def _sync(device: torch.device) -> None:
 
 
 def stats_throughput(backbone: Backbone, dataset, resolution: int, images: int = 4096, batch_size: int = 256,
-                     repeats: int = 2) -> dict[str, Any]:
+                     repeats: int = 2, checkpoint_every: int = 0) -> dict[str, Any]:
     """Images/s of ``stats.extract`` on ``images`` real images vs φ on a fixed in-memory batch; best of
-    ``repeats`` for each, measured alternately in the same process."""
+    ``repeats`` for each, measured alternately in the same process.
+
+    ``checkpoint_every`` = N > 0 also times the pass with a checkpoint every N batches (written to a
+    temporary folder) in the same rounds: ``checkpoint_ratio`` = its throughput / the plain pass's.
+    """
+    import tempfile
+    from pathlib import Path
+
     per_class = max(1, images // len(dataset.classes))
     sub = data.subset_per_class(dataset, per_class)
     x = torch.rand(batch_size, 3, resolution, resolution, device=backbone.device)
     batches = max(1, len(sub) // batch_size)
     with torch.inference_mode():
         backbone(backbone.preprocess(x, resolution))  # warm-up
-    fwd, ext = [], []
-    for _ in range(repeats):
-        _sync(backbone.device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for _ in range(batches):
-                backbone(backbone.preprocess(x, resolution))
-        _sync(backbone.device)
-        fwd.append(batches * batch_size / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        stats.extract(backbone, sub, resolution, batch_size=batch_size, progress=False)
-        _sync(backbone.device)
-        ext.append(len(sub) / (time.perf_counter() - t0))
-    return {"backbone": backbone.name, "resolution": resolution, "batch_size": batch_size, "images": len(sub),
-            "forward_img_s": round(max(fwd), 1), "extract_img_s": round(max(ext), 1),
-            "ratio": round(max(ext) / max(fwd), 3), "device": str(backbone.device),
-            "threads": torch.get_num_threads()}
+    fwd, ext, ckp = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            _sync(backbone.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(batches):
+                    backbone(backbone.preprocess(x, resolution))
+            _sync(backbone.device)
+            fwd.append(batches * batch_size / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            stats.extract(backbone, sub, resolution, batch_size=batch_size, progress=False)
+            _sync(backbone.device)
+            ext.append(len(sub) / (time.perf_counter() - t0))
+            if checkpoint_every:
+                t0 = time.perf_counter()
+                stats.extract(backbone, sub, resolution, batch_size=batch_size, progress=False,
+                              checkpoint=Path(tmp) / f"bench{r}.ckpt", checkpoint_every=checkpoint_every)
+                _sync(backbone.device)
+                ckp.append(len(sub) / (time.perf_counter() - t0))
+    row = {"backbone": backbone.name, "resolution": resolution, "batch_size": batch_size, "images": len(sub),
+           "forward_img_s": round(max(fwd), 1), "extract_img_s": round(max(ext), 1),
+           "ratio": round(max(ext) / max(fwd), 3), "device": str(backbone.device),
+           "threads": torch.get_num_threads()}
+    if checkpoint_every:
+        row.update(checkpoint_every=checkpoint_every, checkpoint_img_s=round(max(ckp), 1),
+                   checkpoint_ratio=round(max(ckp) / max(ext), 3))
+    return row
 
 
 def _random_stats(backbone: Backbone, num_classes: int) -> stats.ClassStats:

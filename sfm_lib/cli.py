@@ -35,16 +35,23 @@ def _json_out(path: str | None, payload: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ stats
 def _cmd_stats(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from . import backbones, data, stats
 
-    ds = data.load(a.dataset, "train", root=a.data_root, download=a.download)
+    ds = data.load(a.dataset, "train", root=a.data_root, download=a.download, skip_bad=a.skip_bad)
     if a.max_per_class:
         ds = data.subset_per_class(ds, a.max_per_class)
     bb = backbones.load(a.backbone, a.device)
+    checkpoint = Path(a.checkpoint or (a.out + ".ckpt"))
     st = stats.extract(bb, ds, a.resolution, batch_size=a.batch_size, num_workers=a.workers, kmeans_k=a.kmeans,
-                       cache_features=a.cache_features)
+                       cache_features=a.cache_features, skip_bad=a.skip_bad, checkpoint=checkpoint,
+                       checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet)
     st.save(a.out)
-    print(f"wrote {a.out}: means {tuple(st.means.shape)}, counts {st.counts.tolist()}")
+    checkpoint.unlink(missing_ok=True)  # the output holds everything the checkpoint did
+    skipped = st.meta["num_skipped"]
+    note = f"; skipped {skipped} unreadable file(s), listed in the metadata ('skipped')" if skipped else ""
+    print(f"wrote {a.out}: means {tuple(st.means.shape)}, counts {st.counts.tolist()}{note}")
 
 
 # ---------------------------------------------------------------------------------------------- distill
@@ -96,7 +103,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
     bb = backbones.load(a.backbone, a.device)
     result = evaluate.linear_probe(bb, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
-                                   views=a.views)
+                                   views=a.views, allow_class_mismatch=a.allow_class_mismatch)
     result.meta.update(distilled=a.distilled, distill_backbone=ds.meta.get("backbone"), dataset=a.dataset)
     _report(result, a.json, f"{a.distilled} on {bb.name}")
 
@@ -114,7 +121,7 @@ def _cmd_baselines(a: argparse.Namespace) -> None:
     if a.epochs:
         kw["epochs"] = a.epochs
     result = evaluate.baseline(a.kind, bb, train, test, a.resolution, ipc=a.ipc, seeds=tuple(range(a.seeds)),
-                               distilled=distilled, **kw)
+                               distilled=distilled, allow_class_mismatch=a.allow_class_mismatch, **kw)
     result.meta.update(dataset=a.dataset, ipc=a.ipc)
     _report(result, a.json, f"{a.kind} baseline on {bb.name}")
 
@@ -143,10 +150,14 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     bb = backbones.load(a.backbone, a.device, pretrained=not a.random_weights)
     if a.what == "stats":
         ds = data.load(a.dataset, "train", root=a.data_root, download=a.download)
-        row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size)
+        row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size,
+                                     checkpoint_every=a.checkpoint_every)
         print(f"statistics pass {row['extract_img_s']} img/s, forward only {row['forward_img_s']} img/s: "
               f"ratio {row['ratio']:.2f} ({row['backbone']} at {row['resolution']} px, batch {row['batch_size']}, "
               f"{row['device']}, {row['threads']} threads)")
+        if a.checkpoint_every:
+            print(f"with a checkpoint every {a.checkpoint_every} batches {row['checkpoint_img_s']} img/s: "
+                  f"ratio {row['checkpoint_ratio']:.3f} to the pass without")
     else:
         row = bench.step_cost(bb, num_classes=a.classes, ipc=a.ipc, resolution=a.resolution, crop=a.crop,
                               augs=a.augs, two_pass=a.two_pass, chunk_size=a.chunk_size, param=a.param,
@@ -183,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, else 4)")
     p.add_argument("--kmeans", type=int, default=0, help="also fit K k-means centres per class (sub-class targets)")
     p.add_argument("--cache-features", action="store_true", help="also cache every feature for later evaluation")
+    p.add_argument("--skip-bad", action="store_true", help="skip image files that cannot be decoded (listed in "
+                   "the output's metadata) instead of stopping at the first one")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT.ckpt; removed once OUT "
+                   "is written)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the pass from the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("distill", help="distil IPC synthetic images per class from class statistics",
@@ -236,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1000)
     p.add_argument("--views", type=int, default=40, help="precomputed augmented views per image")
     p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
+    p.add_argument("--allow-class-mismatch", action="store_true", help="evaluate a set distilled from another "
+                   "dataset (other class names) on purpose, e.g. a transfer experiment")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("baselines", help="real-image baselines scored with the same probe",
@@ -250,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default 1000; 10 for full)")
     p.add_argument("--views", type=int, default=40)
     p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
+    p.add_argument("--allow-class-mismatch", action="store_true", help="--kind neighbors: accept a set "
+                   "distilled from another dataset (other class names) on purpose")
     p.set_defaults(func=_cmd_baselines)
 
     p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
@@ -263,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="random backbone weights (cost only)")
     p.add_argument("--images", type=int, default=4096, help="stats: images to stream")
     p.add_argument("--batch-size", type=int, default=256, help="stats: batch size")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="stats: also time the pass with a "
+                   "checkpoint every N batches (0: not)")
     p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")

@@ -6,7 +6,10 @@
   package's folder (``apt-get install dataset-fashion-mnist``) and the torchvision download folder;
   downloaded (torchvision) only when ``download=True``.
 - ``mnist``, ``cifar10``, ``cifar100`` — through torchvision (``download=True`` where there is internet).
-- ``imagefolder:PATH`` — ``PATH/train/<class>/*.png|jpg`` and ``PATH/test/<class>/*``.
+- ``imagefolder:PATH`` — ``PATH/train/<class>/*.png|jpg`` and ``PATH/test/<class>/*``. Files in other
+  modes (grey, grey+alpha, CMYK, RGBA, palette, 16-bit grey) are converted to 8-bit RGB. A file that
+  cannot be decoded raises :class:`BadImageError` naming it; the feature pass skips such files when
+  ``skip_bad=True`` (see :mod:`sfm_lib.features`).
 
 Grey images become 3 channels (a view, no copy). Every dataset has ``.classes``, ``.targets``
 (a LongTensor of labels, so per-class selections never touch the images) and ``.name``.
@@ -14,6 +17,7 @@ Grey images become 3 channels (a view, no copy). Every dataset has ``.classes``,
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import socket
 import struct
@@ -27,8 +31,8 @@ from torch.utils.data import Dataset
 
 from .utils import cache_dir, load_tensors, save_tensors
 
-__all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "subset", "subset_per_class", "DEBIAN_FASHION_MNIST",
-           "NAMES"]
+__all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset", "subset_per_class",
+           "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -69,14 +73,44 @@ class TensorImageDataset(Dataset):
         return img.float().div_(255.0), int(self.targets[i])  # float() copies, so div_ is safe
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` files read lazily with PIL (RGB); image sizes may differ."""
+class BadImageError(ValueError):
+    """A file in an image folder that cannot be decoded (the message names the file and the cause)."""
 
-    def __init__(self, root: Path, classes: Sequence[str], name: str):
+    def __init__(self, path: Path | str, cause: str, hint: str = ""):
+        self.path, self.cause, self.hint = str(path), cause, hint
+        super().__init__(f"{path}: unreadable image ({cause})" + (f"; {hint}" if hint else ""))
+
+
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _to_rgb(im) -> "np.ndarray":
+    """A PIL image in any common mode → uint8 ``[H, W, 3]``. 16-bit grey is scaled by 255/65535 (not
+    clipped); palette images go through RGBA (so a transparent palette entry is read as its colour)."""
+    import numpy as np
+
+    if im.mode in _SIXTEEN_BIT:
+        arr = np.asarray(im).astype(np.float64)
+        grey = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` files read lazily with PIL (any mode → RGB); image sizes may differ.
+
+    ``skip_bad``: the feature pass (:func:`sfm_lib.features.iterate`) skips unreadable files instead of
+    stopping at the first one. Reading one item directly always raises :class:`BadImageError`.
+    """
+
+    def __init__(self, root: Path, classes: Sequence[str], name: str, skip_bad: bool = False):
         self.root = Path(root)
         self.classes = list(classes)
         self.name = name
         self.image_size = None
+        self.skip_bad = skip_bad
         files, targets = [], []
         for c, cls in enumerate(self.classes):
             folder = self.root / cls
@@ -91,13 +125,23 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import numpy as np
+    def read_uint8(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 ``[3, H, W]``; raises :class:`BadImageError` if it cannot be decoded."""
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, int(self.targets[i])
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                arr = _to_rgb(im)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+            text = str(err).splitlines()[0] if str(err) else ""
+            text = text.replace(f" '{path}'", "").replace(str(path), "").strip(" :")
+            cause = f"{type(err).__name__}: {text}" if text else type(err).__name__
+            raise BadImageError(path, cause) from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.read_uint8(i).float() / 255.0, int(self.targets[i])
 
 
 def subset(dataset: Dataset, indices: Sequence[int]) -> torch.utils.data.Subset:
@@ -166,6 +210,51 @@ class DistilledSet:
                              f"make one with `python -m sfm_lib distill ...`")
         classes = meta.pop("classes", [str(i) for i in range(int(tensors["labels"].max()) + 1)])
         return cls(tensors["images"], tensors["labels"], classes, meta)
+
+
+class Fingerprint:
+    """A SHA-256 of what identifies the first ``n`` items of a dataset, in order, grown item range by item
+    range (``advance``) so that a long pass pays for each item once: for an image folder the relative file
+    paths, for every dataset the labels (and a subset's indices). The digest does not depend on how the
+    range was split into calls.
+
+    Stored in statistics checkpoints, so a resumed pass refuses data whose items before the checkpoint
+    changed, while files after it may be removed (e.g. an unreadable one).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.n = dataset, 0
+        self._parts = {k: hashlib.sha256() for k in ("paths", "labels", "indices")}
+        base, self._idx = dataset, None
+        if isinstance(dataset, torch.utils.data.Subset):
+            base, self._idx = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+        self._folder = base if isinstance(base, ImageFolderDataset) else None
+
+    def advance(self, stop: int) -> "Fingerprint":
+        """Take in items ``n .. stop−1``."""
+        lo, hi = self.n, stop
+        if hi <= lo:
+            return self
+        self._parts["labels"].update(torch.as_tensor(self.dataset.targets[lo:hi]).long().numpy().tobytes())
+        order = range(lo, hi)
+        if self._idx is not None:
+            self._parts["indices"].update(self._idx[lo:hi].numpy().tobytes())
+            order = self._idx[lo:hi].tolist()
+        if self._folder is not None:
+            cut = len(str(self._folder.root)) + 1
+            self._parts["paths"].update("".join(str(self._folder.files[i])[cut:] + "\n" for i in order).encode())
+        self.n = hi
+        return self
+
+    def hexdigest(self) -> str:
+        name = getattr(self.dataset, "name", type(self.dataset).__name__)
+        head = f"{name}|{getattr(self.dataset, 'split', None)}|{self.n}|"
+        return hashlib.sha256((head + "|".join(h.hexdigest() for h in self._parts.values())).encode()).hexdigest()
+
+
+def fingerprint(dataset: Dataset, n: int | None = None) -> str:
+    """:class:`Fingerprint` of the first ``n`` items of ``dataset`` (default: all)."""
+    return Fingerprint(dataset).advance(len(dataset) if n is None else n).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- idx files
@@ -264,8 +353,8 @@ def _load_cifar(name: str, split: str, root: str | None, download: bool) -> Tens
     return TensorImageDataset(torch.from_numpy(ds.data), ds.targets, ds.classes, name)
 
 
-def _load_imagefolder(path: str, split: str) -> ImageFolderDataset:
-    base = Path(path).expanduser()
+def _load_imagefolder(path: str, split: str, skip_bad: bool = False) -> ImageFolderDataset:
+    base = Path(path).expanduser().resolve()
     folder = base / split
     if not folder.is_dir():
         raise FileNotFoundError(f"imagefolder: {folder} does not exist; expected {base}/train/<class>/*.png|jpg "
@@ -274,15 +363,19 @@ def _load_imagefolder(path: str, split: str) -> ImageFolderDataset:
     classes = sorted(p.name for p in (train if train.is_dir() else folder).iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"imagefolder: no class sub-folders in {train if train.is_dir() else folder}")
-    return ImageFolderDataset(folder, classes, f"imagefolder:{base}")
+    return ImageFolderDataset(folder, classes, f"imagefolder:{base}", skip_bad=skip_bad)
 
 
-def load(name: str, split: str = "train", root: str | None = None, download: bool = False) -> Dataset:
-    """Load dataset ``name`` (see module doc) for ``split`` in {"train", "test"}."""
+def load(name: str, split: str = "train", root: str | None = None, download: bool = False,
+         skip_bad: bool = False) -> Dataset:
+    """Load dataset ``name`` (see module doc) for ``split`` in {"train", "test"}.
+
+    ``skip_bad``: image folders only — the feature pass skips files that cannot be decoded (and reports
+    them) instead of stopping at the first one."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if name.startswith("imagefolder:"):
-        ds = _load_imagefolder(name.split(":", 1)[1], split)
+        ds = _load_imagefolder(name.split(":", 1)[1], split, skip_bad)
     elif name in ("fashion_mnist", "mnist"):
         ds = _load_mnist_like(name, split, root, download)
     elif name in ("cifar10", "cifar100"):

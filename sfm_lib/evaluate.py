@@ -269,6 +269,29 @@ def _num_classes(train: Dataset, test: Dataset) -> int:
     return c_test
 
 
+def check_same_data(distilled: Dataset, dataset: Dataset, allow_mismatch: bool = False) -> None:
+    """Raise ValueError if ``distilled`` (anything with ``meta``, e.g. a DistilledSet) was made from another
+    dataset than ``dataset``: other class names, or another recorded ``meta["dataset"]``. The message
+    names the difference. ``allow_mismatch=True`` (CLI ``--allow-class-mismatch``) is for deliberate
+    transfers; the class counts must still agree."""
+    meta = getattr(distilled, "meta", None)
+    if allow_mismatch or not isinstance(meta, dict):
+        return
+    problems = []
+    made_from, name = meta.get("dataset"), getattr(dataset, "name", None)
+    if made_from is not None and name is not None and made_from != name:
+        problems.append(f"it was distilled from {made_from!r}, the evaluation data is {name!r}")
+    ours, theirs = list(distilled.classes), list(dataset.classes)
+    if ours != theirs:
+        diff = [(a, b) for a, b in zip(ours, theirs) if a != b][:3]
+        shown = ", ".join(f"{a!r} vs {b!r}" for a, b in diff) or f"{len(ours)} vs {len(theirs)} classes"
+        problems.append(f"its classes differ ({shown}{', ...' if len(diff) == 3 else ''})")
+    if problems:
+        raise ValueError(f"the distilled set does not belong to this dataset: {'; '.join(problems)}. Evaluate it "
+                         f"on the dataset it was distilled from, or pass allow_class_mismatch=True "
+                         f"(--allow-class-mismatch) for a deliberate transfer")
+
+
 def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, resolution: int, *, epochs: int,
                 seeds: Sequence[int], views: int, batch_size: int | None, lr: float | None,
                 device: str | torch.device | None, progress: bool, kind: str) -> ProbeResult:
@@ -312,7 +335,7 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
 def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: Dataset, resolution: int, *,
                  epochs: int = 1000, seeds: Sequence[int] = (0, 1, 2), views: int = 40, batch_size: int | None = None,
                  lr: float | None = None, device: str | torch.device | None = None, progress: bool = False,
-                 kind: str | None = None) -> ProbeResult:
+                 kind: str | None = None, allow_class_mismatch: bool = False) -> ProbeResult:
     """Top-1 (%) on ``test`` of linear probes trained on the small set ``train`` (method.md §6), one per seed.
 
     ``train``: a :class:`DistilledSet` or any small dataset of images (e.g. a ``Subset`` of real images), or
@@ -320,7 +343,8 @@ def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: D
     ``views`` precomputed views (view 0 un-augmented; see the module doc); ``views=1`` trains without
     augmentation. Test features come from :func:`features.compute` (cached on disk for whole splits).
     ``device``: where the probe trains (default: the backbone's). ``kind`` labels the result ("distilled"
-    for a DistilledSet, else "real", unless given).
+    for a DistilledSet, else "real", unless given). A distilled set from another dataset (class names or
+    ``meta["dataset"]``) is refused unless ``allow_class_mismatch`` (see :func:`check_same_data`).
 
     Note: with N = 10 images the defaults mean 1000 Adam steps at lr 3.9e-5; at 32 px (Lite0) that probe is
     not converged (seed std ≈ 5 points) and ``epochs=4000`` comes closer to method.md §9.
@@ -328,6 +352,8 @@ def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: D
     trains = list(train) if isinstance(train, (list, tuple)) else [train] * len(seeds)
     if len(trains) != len(seeds):
         raise ValueError(f"{len(trains)} training sets for {len(seeds)} seeds; pass one per seed or a single one")
+    for t in trains:
+        check_same_data(t, test, allow_class_mismatch)
     if kind is None:
         kind = "distilled" if trains and isinstance(trains[0], DistilledSet) else "real"
     return _probe_many(backbone, trains, test, resolution, epochs=epochs, seeds=seeds, views=views,
@@ -401,12 +427,14 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
 
 
 def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSet, resolution: int, *,
-                    progress: bool = False) -> Subset:
+                    progress: bool = False, allow_class_mismatch: bool = False) -> Subset:
     """For every distilled image (in order), the real image of the same class nearest to it in feature space.
 
     Distilled features: ``backbone.features`` at ``resolution``, un-augmented (rounded through float16 like
     the cached real features). Two distilled images may share a neighbour; it then appears twice.
+    A set distilled from another dataset is refused unless ``allow_class_mismatch`` (:func:`check_same_data`).
     """
+    check_same_data(distilled, dataset, allow_class_mismatch)
     if len(distilled.classes) != len(dataset.classes):
         raise ValueError(f"the distilled set has {len(distilled.classes)} classes but {dataset.name} has "
                          f"{len(dataset.classes)}; pass the training split of the dataset that was distilled")
@@ -428,13 +456,14 @@ def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSe
 
 def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, ipc: int = 1,
              seeds: Sequence[int] = (0, 1, 2), distilled: DistilledSet | None = None,
-             stats: ClassStats | None = None, **probe_kw) -> ProbeResult:
+             stats: ClassStats | None = None, allow_class_mismatch: bool = False, **probe_kw) -> ProbeResult:
     """A real-image baseline scored with the same probe: ``kind`` in {"random", "centroids", "neighbors", "full"}.
 
     "random": seed s draws its own ``random_subset(train_ds, ipc, s)`` and trains its probe with seed s.
     "centroids": :func:`centroid_subset` (class means from ``stats`` if given). "neighbors": needs
     ``distilled`` (:func:`neighbor_subset`). "full": :func:`full_data_probe`; ``views`` is ignored there.
     ``probe_kw`` go to :func:`linear_probe` (epochs, views, batch_size, lr, device, progress).
+    ``allow_class_mismatch``: "neighbors" of a set distilled from another dataset (see :func:`check_same_data`).
     """
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline kind {kind!r}; choose one of {', '.join(BASELINES)}")
@@ -451,7 +480,8 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
     else:
         if distilled is None:
             raise ValueError('baseline("neighbors", ...) needs the distilled set: pass distilled=DistilledSet')
-        sub = neighbor_subset(backbone, train_ds, distilled, resolution, progress=probe_kw.get("progress", False))
+        sub = neighbor_subset(backbone, train_ds, distilled, resolution, progress=probe_kw.get("progress", False),
+                              allow_class_mismatch=allow_class_mismatch)
         result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="neighbors", **probe_kw)
         result.meta["distill_backbone"] = distilled.meta.get("backbone")
     if kind != "neighbors":

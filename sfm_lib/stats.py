@@ -4,24 +4,29 @@ One streaming pass of the frozen backbone φ over the training set gives, for ev
 
     μ_c = (1 / n_c) Σ_{i : y_i = c} φ(x_i)        (accumulated in float64)
 
-and the counts n_c. Optionally, per-class k-means centres (``kmeans=K``) on a bounded reservoir sample
-of each class's features: sub-class targets for IPC > 1. The result is tiny (C×D numbers) and is saved
-as safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
+and the counts n_c. Optionally, per-class k-means centres (``kmeans=K``) on a bounded uniform sample
+of each class's features (:class:`Reservoir`): sub-class targets for IPC > 1. Memory does not grow with
+the number of images (except the optional feature cache, one float16 table). A long pass checkpoints its
+float64 sums, counts and position and resumes exactly. The result is tiny (C×D numbers) and is saved as
+safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from . import data as data_mod
 from . import features as features_mod
 from .backbones import Backbone
 from .utils import cache_dir, load_tensors, save_tensors
 
-__all__ = ["ClassStats", "extract", "cached_extract", "kmeans", "class_centres"]
+__all__ = ["ClassStats", "Reservoir", "extract", "cached_extract", "kmeans", "class_centres"]
 
 
 @dataclass
@@ -115,60 +120,190 @@ def class_centres(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     return torch.stack(out)
 
 
-class _Reservoir:
-    """Uniform reservoir sample (Algorithm R) of at most ``size`` feature rows per class."""
+class Reservoir:
+    """A uniform sample without replacement of at most ``size`` feature rows per class, in bounded memory.
+
+    Priority sampling: every row gets an independent key u ~ U(0, 1) and each class keeps the ``size``
+    rows with the largest keys seen so far. The kept set of a class is then a uniformly random
+    ``min(n_c, size)``-subset of its n_c rows (all orderings of i.i.d. keys are equally likely), as with
+    Algorithm R, but a batch is merged with one top-k over ``[C, size + B]`` keys instead of a Python loop
+    per row. Memory: ``C × size × D`` float32 rows plus ``C × size`` keys, whatever the number of images.
+    """
+
+    _EMPTY, _ABSENT = -1.0, -2.0  # keys of an empty slot, and of a batch row of another class
 
     def __init__(self, num_classes: int, size: int, dim: int, generator: torch.Generator):
+        if size < 1:
+            raise ValueError(f"the k-means sample size must be ≥ 1, got {size}")
         self.size, self.g = size, generator
         self.buf = torch.zeros(num_classes, size, dim)
-        self.seen = [0] * num_classes
+        self.keys = torch.full((num_classes, size), self._EMPTY, dtype=torch.float64)
 
     def add(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        for f, c in zip(feats.cpu().float(), labels.tolist()):
-            s = self.seen[c]
-            if s < self.size:
-                self.buf[c, s] = f
-            else:
-                j = int(torch.randint(s + 1, (1,), generator=self.g))
-                if j < self.size:
-                    self.buf[c, j] = f
-            self.seen[c] = s + 1
+        """Offer rows ``feats`` [B, D] of classes ``labels`` [B]."""
+        feats, labels = feats.detach().to("cpu", torch.float32), labels.cpu()
+        B, (C, S) = len(labels), self.keys.shape
+        if B == 0:
+            return
+        u = torch.rand(B, generator=self.g, dtype=torch.float64)
+        offered = torch.full((C, B), self._ABSENT, dtype=torch.float64)
+        offered[labels, torch.arange(B)] = u
+        top = torch.cat([self.keys, offered], 1).topk(S, dim=1).indices  # [C, S]
+        kept_old = torch.zeros(C, S + B, dtype=torch.bool).scatter_(1, top, True)
+        taken = kept_old[:, S:]                 # [C, B]: batch rows that enter class c's sample
+        freed = ~kept_old[:, :S]                # [C, S]: slots whose row (or emptiness) leaves
+        # Per class, as many rows enter as slots are freed; row-major order pairs them class by class.
+        slot_c, slot_j = torch.nonzero(freed, as_tuple=True)
+        _, row_b = torch.nonzero(taken, as_tuple=True)
+        self.buf[slot_c, slot_j] = feats[row_b]
+        self.keys[slot_c, slot_j] = u[row_b]
 
     def rows(self, c: int) -> torch.Tensor:
-        return self.buf[c, :min(self.seen[c], self.size)]
+        """The sampled rows of class ``c`` [≤ size, D], in slot order."""
+        return self.buf[c][self.keys[c] >= 0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"reservoir_buf": self.buf, "reservoir_keys": self.keys, "reservoir_rng": self.g.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.buf.copy_(state["reservoir_buf"])
+        self.keys.copy_(state["reservoir_keys"])
+        self.g.set_state(state["reservoir_rng"])
+
+
+_CKPT_KIND = "sfm_lib statistics checkpoint"
+# Settings a resumed pass must share with its checkpoint: every one changes the result.
+_RESUME_KEYS = ("dataset", "split", "backbone", "pretrained", "resolution", "batch_size", "kmeans_k",
+                "kmeans_sample", "seed", "feature_dim", "num_classes")
+
+
+def _class_sums(labels: torch.Tensor, feats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{i: y_i = c} f_i in float64 [C, D], n_c [C]) of one batch through a one-hot matrix product:
+    deterministic on CUDA (no atomic adds), so a resumed pass equals an uninterrupted one bit for bit
+    there too, and free of host synchronisation (unlike ``bincount`` or ``one_hot`` on CUDA)."""
+    onehot = torch.zeros(len(labels), num_classes, dtype=torch.float64, device=feats.device)
+    onehot.scatter_(1, labels[:, None], 1.0)
+    return onehot.T @ feats.double(), onehot.sum(0).long()
 
 
 def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,
             device: str | torch.device | None = None, num_workers: int | None = None, kmeans_k: int = 0,
             kmeans_sample: int = 2000, seed: int = 0, cache_features: bool = False,
-            progress: bool = True) -> ClassStats:
+            progress: bool = True, *, skip_bad: bool | None = None,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
+            resume: bool = False) -> ClassStats:
     """One pass of φ over ``dataset`` → :class:`ClassStats` (μ_c in float64, n_c).
 
-    ``kmeans_k > 0`` also fits K centres per class on a reservoir of ``kmeans_sample`` features per class.
-    ``cache_features`` also stores every feature in the feature cache (see :mod:`sfm_lib.features`), so a
-    later evaluation needs no second pass.
+    ``kmeans_k > 0`` also fits K centres per class on a bounded uniform sample (:class:`Reservoir`) of
+    ``kmeans_sample`` features per class. ``cache_features`` also stores every feature in the feature cache
+    (see :mod:`sfm_lib.features`; one preallocated float16 table), so a later evaluation needs no second
+    pass. ``skip_bad``: skip image files that cannot be decoded (default: the dataset's ``skip_bad``);
+    ``meta["skipped"]`` lists them and ``meta["num_skipped"]`` counts them.
+
+    ``checkpoint``: every ``checkpoint_every`` batches, at the end, and before an unreadable file stops the
+    pass, the float64 sums, counts, position, skipped files (and the k-means sample with its RNG state) are
+    written there atomically. ``resume=True`` continues from it and gives exactly the result of an
+    uninterrupted pass; it refuses a checkpoint made with another dataset, backbone, resolution, batch size
+    or k-means setting, or whose items before the saved position differ. Without ``resume`` an existing
+    checkpoint is never overwritten.
     """
+    from tqdm.auto import tqdm
+
     if device is not None:
         backbone = backbone.to(device)
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be ≥ 1 batch, got {checkpoint_every}")
     classes = list(dataset.classes)
     C, D = len(classes), backbone.feature_dim
-    sums = torch.zeros(C, D, dtype=torch.float64, device=backbone.device)
-    counts = torch.zeros(C, dtype=torch.long, device=backbone.device)
+    dev = backbone.device
+    targets = torch.as_tensor(dataset.targets)
+    if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= C):
+        raise ValueError(f"label out of range [0, {C}) in {dataset.name}")
+    sums = torch.zeros(C, D, dtype=torch.float64, device=dev)
+    counts = torch.zeros(C, dtype=torch.long, device=dev)
     g = torch.Generator().manual_seed(seed)
-    reservoir = _Reservoir(C, kmeans_sample, D, g) if kmeans_k > 0 else None
+    reservoir = Reservoir(C, kmeans_sample, D, g) if kmeans_k > 0 else None
     cache_path = features_mod.cache_path(backbone, dataset, resolution) if cache_features else None
-    kept_feats, kept_labels = [], []
-    for feats, labels in features_mod.iterate(backbone, dataset, resolution, batch_size, num_workers, progress,
-                                              desc=f"statistics {backbone.name}@{resolution}"):
-        if labels.min() < 0 or labels.max() >= C:
-            raise ValueError(f"label out of range [0, {C}) in {dataset.name}")
-        sums.index_add_(0, labels, feats.double())
-        counts += torch.bincount(labels, minlength=C)
+    table = features_mod.FeatureTable(len(dataset), D) if cache_path is not None else None
+    config = {"kind": _CKPT_KIND, "dataset": dataset.name, "split": getattr(dataset, "split", None),
+              "backbone": backbone.name, "pretrained": getattr(backbone, "pretrained", None),
+              "resolution": resolution, "batch_size": batch_size, "kmeans_k": kmeans_k,
+              "kmeans_sample": kmeans_sample if kmeans_k else None, "seed": seed if kmeans_k else None,
+              "feature_dim": D, "num_classes": C}
+    position, skipped = 0, []
+    prefix = data_mod.Fingerprint(dataset)  # of the items before ``position``
+
+    ckpt = Path(checkpoint) if checkpoint else None
+    if resume and ckpt is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    if resume and ckpt.is_file():
+        tensors, saved = load_tensors(ckpt)
+        if saved.get("kind") != _CKPT_KIND:
+            raise ValueError(f"{ckpt} is not a statistics checkpoint; delete it or pass another --checkpoint")
+        diff = {k: (saved.get(k), config[k]) for k in _RESUME_KEYS if saved.get(k) != config[k]}
+        if diff:
+            named = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"checkpoint {ckpt} belongs to another statistics pass ({named}); run with the "
+                             f"checkpoint's settings, or delete it to start over")
+        position, skipped = int(saved["position"]), list(saved["skipped"])
+        if position > len(dataset) or prefix.advance(position).hexdigest() != saved["fingerprint"]:
+            raise ValueError(f"checkpoint {ckpt}: the first {position} items of {dataset.name} are not those "
+                             f"the checkpoint has seen (files were added, renamed or removed before that "
+                             f"point); delete it to start over")
+        sums.copy_(tensors["sums"])
+        counts.copy_(tensors["counts"])
         if reservoir is not None:
-            reservoir.add(feats, labels)
-        if cache_path is not None:
-            kept_feats.append(feats.cpu())
-            kept_labels.append(labels.cpu())
+            reservoir.load_state_dict(tensors)
+        if table is not None and position > 0:
+            warnings.warn("the feature cache is not written by a resumed pass (the features before the "
+                          "checkpoint are not kept); run features.compute later if you need it", stacklevel=2)
+            table, cache_path = None, None
+    elif not resume and ckpt is not None and ckpt.exists():
+        raise FileExistsError(f"checkpoint {ckpt} exists: pass resume=True (--resume) to continue that pass, "
+                              f"or delete it to start over")
+
+    def save_checkpoint() -> None:
+        tensors = {"sums": sums, "counts": counts}
+        if reservoir is not None:
+            tensors.update(reservoir.state_dict())
+        meta = {**config, "position": position, "skipped": skipped,
+                "fingerprint": prefix.advance(position).hexdigest()}
+        save_tensors(ckpt, tensors, meta)
+
+    batches = 0
+    bar = tqdm(total=len(dataset), initial=position, desc=f"statistics {backbone.name}@{resolution}",
+               unit="img", disable=not progress, mininterval=2.0)
+    try:
+        for batch in features_mod.stream(backbone, dataset, resolution, batch_size, num_workers,
+                                         start=position, skip_bad=skip_bad):
+            feats, labels = batch.features, batch.labels
+            if len(labels):
+                batch_sums, batch_counts = _class_sums(labels, feats, C)
+                sums += batch_sums
+                counts += batch_counts
+                if reservoir is not None:
+                    reservoir.add(feats, labels)
+                if table is not None:
+                    table.add(feats, labels)
+            position += batch.consumed
+            skipped += batch.skipped
+            batches += 1
+            bar.update(batch.consumed)
+            if ckpt is not None and batches % checkpoint_every == 0:
+                save_checkpoint()
+    except data_mod.BadImageError as err:
+        if ckpt is None:
+            raise data_mod.BadImageError(err.path, err.cause, "pass skip_bad=True (--skip-bad) to skip "
+                                                              "unreadable files") from None
+        save_checkpoint()
+        raise data_mod.BadImageError(err.path, err.cause, f"the pass over the first {position} images is saved in "
+                                                          f"{ckpt}: run again with --resume --skip-bad to skip such "
+                                                          f"files, or remove this one and run again with --resume"
+                                     ) from None
+    finally:
+        bar.close()
+    if ckpt is not None:
+        save_checkpoint()
     if (counts == 0).any():
         empty = [classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
         raise ValueError(f"classes without any image in {dataset.name}: {empty}")
@@ -176,11 +311,12 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     centres = None
     if reservoir is not None:
         centres = torch.stack([kmeans(reservoir.rows(c), kmeans_k, generator=g) for c in range(C)])
-    if cache_path is not None:
-        features_mod.store(cache_path, torch.cat(kept_feats), torch.cat(kept_labels), backbone=backbone.name,
+    if table is not None:
+        features_mod.store(cache_path, table.features(), table.labels(), backbone=backbone.name,
                            resolution=resolution)
     meta = {"backbone": backbone.name, "feature_dim": D, "resolution": resolution, "dataset": dataset.name,
-            "split": getattr(dataset, "split", None), "num_images": int(counts.sum()), "kmeans_k": kmeans_k}
+            "split": getattr(dataset, "split", None), "num_images": int(counts.sum()), "kmeans_k": kmeans_k,
+            "num_skipped": len(skipped), "skipped": skipped}
     return ClassStats(means, counts.cpu(), classes, meta, centres)
 
 

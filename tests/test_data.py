@@ -335,3 +335,162 @@ def test_subset_per_class_more_than_available():
     ds = data.TensorImageDataset(images, [0, 0, 1, 1, 1], ["a", "b"], "tiny")
     sub = data.subset_per_class(ds, 3, seed=0)
     assert torch.bincount(sub.targets).tolist() == [2, 3]
+
+
+# ------------------------------------------------------------------------------- odd modes, unreadable files
+def _odd_folder(root: Path) -> dict:
+    """train/{a,b}, test/{a,b}: RGB, grey, CMYK JPEG, RGBA, palette and 16-bit grey PNGs of mixed sizes,
+    and one text file named .png (train/b/bad.png). Returns the expected uint8 RGB arrays by file name
+    (None for the bad file; the CMYK JPEG's entry is its RGB source, matched approximately)."""
+    rng = np.random.default_rng(3)
+    expected = {}
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+    a, b = root / "train" / "a", root / "train" / "b"
+    rgb = rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(a / "rgb.png")
+    expected["rgb.png"] = rgb
+    grey = rng.integers(0, 256, (10, 7), dtype=np.uint8)
+    Image.fromarray(grey).save(a / "grey.png")
+    expected["grey.png"] = np.repeat(grey[:, :, None], 3, 2)
+    yy, xx = np.mgrid[0:16, 0:20]  # smooth colours survive the JPEG round trip
+    smooth = np.stack([yy * 15, xx * 12, np.full_like(yy, 90)], -1).astype(np.uint8)
+    Image.fromarray(smooth).convert("CMYK").save(a / "cmyk.jpg", quality=95)
+    expected["cmyk.jpg"] = smooth
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(a / "rgba.png")
+    expected["rgba.png"] = rgba[:, :, :3]
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    index = rng.integers(0, 16, (11, 9), dtype=np.uint8)
+    pal = Image.fromarray(index, "P")
+    pal.putpalette(palette.flatten().tolist())
+    pal.save(b / "pal.png")
+    expected["pal.png"] = palette[index]
+    deep = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
+    Image.fromarray(deep).save(b / "deep.png")
+    expected["deep.png"] = np.repeat(np.floor(deep.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)[:, :, None],
+                                     3, 2)
+    (b / "bad.png").write_text("this is a text file, not an image")
+    expected["bad.png"] = None
+    for split, cls in (("test", "a"), ("test", "b")):
+        Image.fromarray(rgb).save(root / split / cls / "t.png")
+    return expected
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    root = tmp_path / "odd"
+    return root, _odd_folder(root)
+
+
+def test_imagefolder_converts_every_mode_to_rgb(odd_folder):
+    root, expected = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train")
+    assert Image.open(root / "train" / "a" / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(root / "train" / "b" / "pal.png").mode == "P"
+    assert Image.open(root / "train" / "b" / "deep.png").mode.startswith("I")
+    for i, path in enumerate(ds.files):
+        want = expected[path.name]
+        if want is None:
+            continue
+        img = ds.read_uint8(i)
+        assert img.dtype == torch.uint8 and img.shape == (3, *want.shape[:2]), path.name
+        ref = torch.from_numpy(want).permute(2, 0, 1)
+        if path.suffix == ".jpg":
+            assert (img.float() - ref.float()).abs().mean() < 6, path.name
+        else:
+            assert torch.equal(img, ref), path.name
+        item, label = ds[i]
+        assert torch.equal(item, img.float() / 255) and label == ds.classes.index(path.parent.name)
+
+
+def test_unreadable_file_is_named_in_one_line(odd_folder):
+    root, _ = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train")
+    i = [p.name for p in ds.files].index("bad.png")
+    with pytest.raises(data.BadImageError) as info:
+        ds[i]
+    msg = str(info.value)
+    assert msg.startswith(str(root / "train" / "b" / "bad.png")) and "UnidentifiedImageError" in msg
+    assert "\n" not in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_fingerprint_covers_the_items_before_a_position(odd_folder):
+    root, _ = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train")
+    names = [p.name for p in ds.files]
+    last = names.index("rgb.png")  # class a is listed first: cmyk, grey, rgb, rgba, then class b
+    before = data.fingerprint(ds, last + 1)
+    assert before != data.fingerprint(ds, last) and data.fingerprint(ds) == data.fingerprint(ds, len(ds))
+    assert data.Fingerprint(ds).advance(1).advance(last + 1).hexdigest() == before  # grown in steps: the same
+    sub = data.subset(ds, [0, 2, 1])
+    assert data.fingerprint(sub, 2) != data.fingerprint(data.subset(ds, [0, 1, 2]), 2)
+    (root / "train" / "b" / "bad.png").unlink()  # a file after the position: the prefix is unchanged
+    assert data.fingerprint(data.load(f"imagefolder:{root}", "train"), last + 1) == before
+    (root / "train" / "a" / "grey.png").unlink()  # a file before it: changed
+    assert data.fingerprint(data.load(f"imagefolder:{root}", "train"), last + 1) != before
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_feature_pass_stops_at_or_skips_unreadable_files(odd_folder, lite0):
+    from sfm_lib import features
+
+    root, expected = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train")
+    with pytest.raises(data.BadImageError, match=r"bad\.png.*skip_bad=True \(--skip-bad\)"):
+        list(features.iterate(lite0, ds, 32, batch_size=3, num_workers=0, progress=False))
+    for workers in (0, 2):  # the message crosses from a worker process in one line, no worker traceback
+        with pytest.raises(data.BadImageError) as info:
+            list(features.iterate(lite0, ds, 32, batch_size=3, num_workers=workers, progress=False))
+        assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    skipped = []
+    out = list(features.iterate(lite0, ds, 32, batch_size=3, num_workers=0, progress=False, skip_bad=True,
+                                skipped=skipped))
+    assert skipped == [str(root / "train" / "b" / "bad.png")]
+    labels = torch.cat([y for _, y in out])
+    good = [i for i, p in enumerate(ds.files) if p.name != "bad.png"]
+    assert torch.equal(labels, ds.targets[good])
+    # the dataset's own flag does the same (data.load(..., skip_bad=True))
+    flagged = data.load(f"imagefolder:{root}", "train", skip_bad=True)
+    assert sum(len(y) for _, y in features.iterate(lite0, flagged, 32, batch_size=4, progress=False,
+                                                     num_workers=0)) == len(good)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("on_device", [False, True])
+def test_uint8_pipeline_matches_the_float_path(odd_folder, lite0, monkeypatch, on_device):
+    # Reference, per image: float [0,1] → centre square crop → bilinear resize in float → φ. The pipeline
+    # decodes to uint8 in the workers and resizes there (CPU) or on the device (CUDA; forced here).
+    from sfm_lib import backbones, features
+
+    monkeypatch.setattr(features, "_RESIZE_ON_DEVICE", on_device)
+    root, _ = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train", skip_bad=True)
+    good = [i for i, p in enumerate(ds.files) if p.name != "bad.png"]
+    with torch.no_grad():
+        ref = torch.cat([lite0.features(backbones.square_resize(ds[i][0], 32)[None], 32) for i in good])
+    got, labels = features.compute(lite0, ds, 32, batch_size=4, num_workers=2, cache=False, progress=False)
+    assert torch.equal(labels, ds.targets[good])
+    # Equal up to the cache's float16 rounding (and batch-vs-single float32 sums); rounding the resized
+    # images to uint8 would be off by up to 6e-2 here, unrelated images by ~1.
+    torch.testing.assert_close(got, ref.half().float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_statistics_record_skipped_files(odd_folder, lite0):
+    from sfm_lib import stats
+
+    root, _ = odd_folder
+    ds = data.load(f"imagefolder:{root}", "train")
+    with pytest.raises(data.BadImageError, match="bad.png"):
+        stats.extract(lite0, ds, 32, batch_size=3, num_workers=0, progress=False)
+    st = stats.extract(lite0, ds, 32, batch_size=3, num_workers=0, progress=False, skip_bad=True)
+    assert st.meta["num_skipped"] == 1 and st.meta["skipped"] == [str(root / "train" / "b" / "bad.png")]
+    assert st.counts.tolist() == [4, 2]
+    (root / "train" / "b" / "bad.png").unlink()  # the same statistics as a folder without the file
+    clean = stats.extract(lite0, data.load(f"imagefolder:{root}", "train"), 32, batch_size=3, num_workers=0,
+                          progress=False)
+    torch.testing.assert_close(clean.means, st.means, rtol=1e-5, atol=1e-5)  # other batches: float32 sums
+    assert clean.meta["num_skipped"] == 0

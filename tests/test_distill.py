@@ -219,11 +219,70 @@ def test_bad_input_is_rejected(lite0, toy_stats):
         _run(lite0, toy_stats, init="real")
 
 
-def test_subclass_targets_run_and_use_the_centres(lite0, toy_stats):
-    out = _run(lite0, toy_stats, subclass=True, ipc=2, steps=3)
-    assert out.images.shape[0] == 2 * C and out.meta["subclass"] is True
+def test_subclass_targets_run_and_use_the_centres(lite0, toy_stats, monkeypatch):
+    from sfm_lib import backbones
+
+    # 1. The target, by a naive loop in float64: f_{c,k} = (1/(C−1)) Σ_{c'≠c} μ_{c'} − z_{c,k}.
+    means, centres = toy_stats.means.double(), toy_stats.centres.double()
+    naive = torch.empty(C, 2, lite0.feature_dim, dtype=torch.float64)
+    for c in range(C):
+        others = sum(means[o] for o in range(C) if o != c) / (C - 1)
+        for k in range(2):
+            naive[c, k] = others - centres[c, k]
     target = distill.SFMObjective(toy_stats, lite0.device, subclass=True, ipc=2).target
-    torch.testing.assert_close(target, flow.subclass_real_flow(toy_stats.means, toy_stats.centres.double()).float())
+    torch.testing.assert_close(target.double(), naive, rtol=1e-6, atol=1e-6)
+
+    # 2. The objective pairs slot j with centre j: with centres that average to the class means,
+    # synthetic features equal to centre j for slot j give loss 0, and swapped slots do not.
+    g = torch.Generator().manual_seed(4)
+    D = 5
+    mu = torch.randn(C, D, generator=g, dtype=torch.float64)
+    delta = torch.randn(C, D, generator=g, dtype=torch.float64)
+    paired = ClassStats(mu, torch.full((C,), 5), [f"c{i}" for i in range(C)], {"feature_dim": D},
+                        torch.stack([mu + delta, mu - delta], 1).float())
+    objective = distill.SFMObjective(paired, torch.device("cpu"), subclass=True, ipc=2)
+    labels, slots = torch.tensor([0, 0, 1, 1, 2, 2] * 3), torch.tensor([0, 1] * 9)
+    z = paired.centres[labels, slots]
+    assert float(objective(z, labels, slots)) < 1e-6
+    assert float(objective(paired.centres[labels, 1 - slots], labels, slots)) > 0.05
+
+    # 3. The loop feeds the views of output image i (the j-th image of its class) to the objective
+    # with that class and slot j. A stand-in backbone returns each view's pixel mean, and image i is
+    # a flat grey of its own level, so every view can be traced to its image.
+    class PixelMean(torch.nn.Module):
+        num_features = 3
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    fake = backbones.Backbone(PixelMean(), "pixel_mean", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), torch.device("cpu"))
+    st = ClassStats(torch.rand(C, 3, generator=g, dtype=torch.float64), torch.full((C,), 5),
+                    [f"c{i}" for i in range(C)], {"backbone": "pixel_mean", "feature_dim": 3},
+                    torch.rand(C, 2, 3, generator=g))
+    N = 2 * C
+    levels = 0.2 + 0.5 * torch.arange(N, dtype=torch.float64) / N
+    init = levels.float()[:, None, None, None].expand(N, 3, RES, RES).clone()
+    seen = []
+    real_call = distill.SFMObjective.__call__
+
+    def spy(self, z, labels, slots):
+        seen.append((z.detach().double()[:, 0].clone(), labels.clone(), slots.clone()))
+        return real_call(self, z, labels, slots)
+
+    monkeypatch.setattr(distill.SFMObjective, "__call__", spy)
+    out = distill.sfm(fake, st, ipc=2, steps=1, resolution=RES, progress=False, subclass=True, init=init,
+                      lr=1e-9, augs=3, augment=Augment(noise_p=0.0))
+    assert out.images.shape[0] == N and out.meta["subclass"] is True
+    out_labels = out.labels.tolist()
+    rank = [out_labels[:i].count(out_labels[i]) for i in range(N)]  # image i is the rank[i]-th of its class
+    (z, labels, slots), = seen
+    assert len(z) == 3 * N
+    image = ((z - 0.2) * N / 0.5).round().long()
+    assert torch.allclose(z, levels[image], atol=1e-4), "every view is a flat grey of one image"
+    assert sorted(image.tolist()) == sorted(list(range(N)) * 3)
+    for v in range(len(z)):
+        i = int(image[v])
+        assert int(labels[v]) == out_labels[i] and int(slots[v]) == rank[i], v
 
 
 def test_init_from_real_images_starts_at_those_images(lite0, toy_stats, fmnist_train):

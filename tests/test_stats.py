@@ -12,6 +12,7 @@ from safetensors import safe_open
 from sfm_lib import backbones, data, stats
 from sfm_lib import features as features_mod
 from sfm_lib.stats import ClassStats
+from sfm_lib.utils import load_tensors
 
 RES = 32
 
@@ -221,22 +222,148 @@ def test_kmeans_needs_enough_points():
 
 
 def test_extract_with_kmeans(lite0, subset, naive_features):
-    st = stats.extract(lite0, subset, RES, batch_size=32, kmeans_k=2, progress=False)
+    # 6 images per class and a sample of 2000: every feature is in the sample, so the centres must be a
+    # fixed point of Lloyd's algorithm on the class's own features. Checked independently: the naive
+    # per-image features in float64, nearest-centre cells by a loop, each centre the mean of its cell.
+    st = stats.extract(lite0, subset, RES, batch_size=4, kmeans_k=2, progress=False)
     feats, labels = naive_features
-    assert st.centres.shape == (10, 2, 1280)
-    assert torch.isfinite(st.centres).all()
-    assert st.meta["kmeans_k"] == 2
+    assert st.centres.shape == (10, 2, 1280) and st.meta["kmeans_k"] == 2
     for c in range(10):
-        fc = feats[labels == c].float()
-        mean = st.means[c].float()
-        radius = (fc - mean).norm(dim=1).max()
-        for centre in st.centres[c]:
-            # A centre is an average of some of the class's features: inside their bounding box ...
-            assert (centre >= fc.min(0).values - 1e-4).all() and (centre <= fc.max(0).values + 1e-4).all()
-            # ... and no farther from the mean than the farthest feature.
-            assert (centre - mean).norm() <= radius + 1e-4
-        avg = st.centres[c].mean(0)
-        assert (avg - mean).norm() < radius
+        fc = feats[labels == c]
+        centres = st.centres[c].double()
+        cells = [[], []]
+        for row in fc:
+            d = [float(((row - z) ** 2).sum()) for z in centres]
+            cells[d.index(min(d))].append(row)
+        assert all(len(cell) > 0 for cell in cells), f"class {c}: an empty cluster"
+        assert len(cells[0]) >= len(cells[1]), "largest cluster first"
+        for z, cell in zip(centres, cells):
+            torch.testing.assert_close(z, torch.stack(cell).mean(0), rtol=1e-4, atol=1e-4)
+        # Two different centres (the class mean repeated would fail here and above), and a better fit
+        # than the mean alone.
+        assert (centres[0] - centres[1]).norm() > 1e-2 * fc.norm(dim=1).mean()
+        sse_centres = sum(float(((torch.stack(cell) - z) ** 2).sum()) for z, cell in zip(centres, cells))
+        sse_mean = float(((fc - fc.mean(0)) ** 2).sum())
+        assert sse_centres < 0.95 * sse_mean
+
+
+def test_reservoir_is_a_uniform_sample():
+    # n = 12 rows of one class offered in batches of 5 (mixed with another class), sample size 4: every
+    # row must be kept with probability 4/12. Chi-square over 3000 independent runs.
+    n, size, runs = 12, 4, 3000
+    g = torch.Generator().manual_seed(0)
+    kept = torch.zeros(n)
+    for _ in range(runs):
+        res = stats.Reservoir(2, size, 1, g)
+        rows = torch.arange(n, dtype=torch.float32)[:, None]
+        for s in range(0, n, 5):
+            batch = rows[s:s + 5]
+            res.add(torch.cat([batch, -batch]), torch.cat([torch.zeros(len(batch)), torch.ones(len(batch))]).long())
+        got = res.rows(0).flatten().long()
+        assert len(got) == size and len(set(got.tolist())) == size
+        kept[got] += 1
+        assert len(res.rows(1)) == size  # the other class is sampled too
+    expected = runs * size / n
+    chi2 = float(((kept - expected) ** 2 / expected).sum())
+    # 11 degrees of freedom: P(chi2 > 31.3) = 0.001. A sampler that keeps the first or last rows fails.
+    assert chi2 < 31.3, (chi2, kept.tolist())
+    # The pairs are uniform too (not only the margins): rows 0 and 1 together with probability
+    # (4·3)/(12·11) = 1/11, within 4 standard errors over fresh runs.
+    both = 0
+    for _ in range(runs):
+        res = stats.Reservoir(1, size, 1, g)
+        for s in range(0, n, 5):
+            res.add(torch.arange(s, min(s + 5, n), dtype=torch.float32)[:, None], torch.zeros(min(5, n - s)).long())
+        got = set(res.rows(0).flatten().long().tolist())
+        both += {0, 1} <= got
+    p = 1 / 11
+    assert abs(both / runs - p) < 4 * (p * (1 - p) / runs) ** 0.5
+
+
+def test_reservoir_is_bounded_and_keeps_small_classes_whole():
+    g = torch.Generator().manual_seed(1)
+    res = stats.Reservoir(3, 50, 8, g)
+    x = torch.randn(3, 8)
+    res.add(x, torch.tensor([0, 1, 1]))
+    assert torch.equal(res.rows(0), x[:1]) and torch.equal(res.rows(1), x[1:])
+    assert res.rows(2).shape == (0, 8)
+    shapes = (res.buf.shape, res.keys.shape)
+    for _ in range(40):  # 10,000 rows of class 0
+        res.add(torch.randn(250, 8, generator=g), torch.zeros(250, dtype=torch.long))
+    assert (res.buf.shape, res.keys.shape) == shapes and res.rows(0).shape == (50, 8)
+    assert res.rows(1).shape == (2, 8)
+
+
+def test_kmeans_sample_is_smaller_than_the_class(lite0, subset):
+    # Sample 3 of 6 rows per class: the centres are averages of the class's features, and the pass runs.
+    st = stats.extract(lite0, subset, RES, batch_size=8, kmeans_k=2, kmeans_sample=3, progress=False)
+    assert st.centres.shape == (10, 2, 1280) and torch.isfinite(st.centres).all()
+
+
+# ------------------------------------------------------------------------------------ checkpoints, resume
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(monkeypatch, after: int):
+    """Make the feature stream raise after ``after`` batches (a crash in the middle of the pass)."""
+    real = features_mod.stream
+
+    def stream(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == after:
+                raise _Stop
+            yield batch
+
+    monkeypatch.setattr(features_mod, "stream", stream)
+
+
+@pytest.mark.parametrize("kmeans_k", [0, 2])
+def test_resumed_pass_equals_an_uninterrupted_one(lite0, subset, tmp_path, monkeypatch, kmeans_k):
+    kw = dict(batch_size=8, progress=False, kmeans_k=kmeans_k, kmeans_sample=4, checkpoint_every=2)
+    full = stats.extract(lite0, subset, RES, checkpoint=tmp_path / "full.ckpt", **kw)
+    ckpt = tmp_path / "part.ckpt"
+    with monkeypatch.context() as m:
+        _interrupted(m, after=5)  # checkpoints after batches 2 and 4; batch 5 is lost and recomputed
+        with pytest.raises(_Stop):
+            stats.extract(lite0, subset, RES, checkpoint=ckpt, **kw)
+    _, saved = load_tensors(ckpt)
+    assert saved["position"] == 32
+    resumed = stats.extract(lite0, subset, RES, checkpoint=ckpt, resume=True, **kw)
+    assert torch.equal(resumed.means, full.means) and torch.equal(resumed.counts, full.counts)
+    if kmeans_k:
+        assert torch.equal(resumed.centres, full.centres)
+    assert resumed.meta == full.meta
+    # A finished pass resumes to the same result; a fresh pass never overwrites the checkpoint.
+    again = stats.extract(lite0, subset, RES, checkpoint=ckpt, resume=True, **kw)
+    assert torch.equal(again.means, full.means)
+    with pytest.raises(FileExistsError, match="resume"):
+        stats.extract(lite0, subset, RES, checkpoint=ckpt, **kw)
+
+
+def test_resume_refuses_another_pass(lite0, subset, fmnist_train, tmp_path, monkeypatch):
+    ckpt = tmp_path / "c.ckpt"
+    with monkeypatch.context() as m:
+        _interrupted(m, after=3)
+        with pytest.raises(_Stop):
+            stats.extract(lite0, subset, RES, batch_size=8, progress=False, checkpoint=ckpt, checkpoint_every=1)
+    kw = dict(progress=False, checkpoint=ckpt, resume=True)
+    with pytest.raises(ValueError, match=r"resolution: 32 in the checkpoint, 48 now"):
+        stats.extract(lite0, subset, 48, batch_size=8, **kw)
+    with pytest.raises(ValueError, match=r"batch_size: 8 in the checkpoint, 16 now"):
+        stats.extract(lite0, subset, RES, batch_size=16, **kw)
+    lite1 = backbones.load("effnet_lite1", pretrained=False)
+    with pytest.raises(ValueError, match=r"backbone: 'effnet_lite0' in the checkpoint, 'effnet_lite1' now"):
+        stats.extract(lite1, subset, RES, batch_size=8, **kw)
+    other = data.TensorImageDataset(fmnist_train.images[:60], fmnist_train.targets[:60], fmnist_train.classes,
+                                     "other_set")
+    with pytest.raises(ValueError, match=r"dataset: 'fashion_mnist' in the checkpoint, 'other_set' now"):
+        stats.extract(lite0, other, RES, batch_size=8, **kw)
+    shuffled = data.subset_per_class(fmnist_train, 6, seed=1)  # same name, other images before the position
+    with pytest.raises(ValueError, match="first 24 items"):
+        stats.extract(lite0, shuffled, RES, batch_size=8, **kw)
+    with pytest.raises(ValueError, match="checkpoint path"):
+        stats.extract(lite0, subset, RES, progress=False, resume=True)
 
 
 # ------------------------------------------------------------------------------------------------- caches
