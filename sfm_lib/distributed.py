@@ -30,12 +30,16 @@ import torch.distributed as dist
 
 from .utils import resolve_device
 
-__all__ = ["init", "is_active", "rank", "world_size", "is_main", "device", "all_reduce_sum",
-           "sum_replicated", "shard", "barrier", "describe"]
+__all__ = ["init", "finish", "launched", "is_active", "rank", "world_size", "is_main", "device", "all_reduce_sum",
+           "sum_replicated", "shard", "block", "barrier", "describe"]
 
 
-def _launched() -> bool:
+def launched() -> bool:
+    """True when torchrun started this process as one of several (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+_launched = launched
 
 
 def is_active() -> bool:
@@ -52,6 +56,12 @@ def init(device: str | torch.device = "auto") -> torch.device:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return this_device(device)
+
+
+def finish() -> None:
+    """Leave the process group (no-op without one): the end of a torchrun command."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def this_device(device: str | torch.device = "auto") -> torch.device:
@@ -114,6 +124,14 @@ def sum_replicated(tensor: torch.Tensor) -> torch.Tensor:
 def shard(n: int) -> torch.Tensor:
     """Indices of items 0 … n−1 that this rank handles: r, r + W, r + 2W, … (all of them without torchrun)."""
     return torch.arange(rank(), n, world_size())
+
+
+def block(n: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """This rank's contiguous block ``[lo, hi)`` of items 0 … n−1: lo = ⌊r·n/W⌋, hi = ⌊(r+1)·n/W⌋ (the blocks
+    of ranks 0 … W−1 tile 0 … n−1 in order; ``(0, n)`` without torchrun)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return r * n // w, (r + 1) * n // w
 
 
 def describe() -> dict:
