@@ -363,7 +363,7 @@ class Distiller:
         per_view = max(self._bytes_per_view(), 1.0)
         torch.cuda.empty_cache()
         lo, hi = distributed.block(self.objective.num_classes)
-        views = cfg.augs * cfg.ipc * (hi - lo)  # this rank's share
+        views = self.config.augs * self.config.ipc * (hi - lo)  # this rank's share
         if self.two_pass is None:
             self.two_pass = per_view * views > budget
         if self.chunk_size is None:
