@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="one pass of the backbone over the training set -> class means",
                        description="Extract per-class feature means (float64) and counts; write safetensors "
-                                   "(tensors 'means' [C,D] and 'counts' [C]) plus JSON metadata.")
+                                   "(tensors 'means' [C,D] and 'counts' [C]) plus JSON metadata. Runs under torchrun too "
+                                   "(each process reads a block of the images; not with --kmeans or "
+                                   "--cache-features).")
     _common(p)
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--max-per-class", type=int, default=0, help="use only the first N images of each class")
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "so that the flows between their class means match the real flows. Linear "
                                    "gradient matching (--method lgm, from the real images of --dataset): match the "
                                    "gradients of random linear heads. Writes safetensors ('images' [N,3,H,W] in "
-                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
+                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume. Runs under torchrun too (each "
+                                   "process forwards the views of a block of classes; same result).")
     _common(p)
     p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "

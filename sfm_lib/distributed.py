@@ -9,7 +9,9 @@ torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MA
 :func:`init` joins the process group from them (NCCL when CUDA is there, else gloo). Without them
 every function here is the single-process identity: rank 0 of a world of size 1.
 
-Only :mod:`sfm_lib.stats` and :mod:`sfm_lib.distill` use this module. Two collectives matter:
+:mod:`sfm_lib.stats`, :mod:`sfm_lib.distill` and :mod:`sfm_lib.objectives` use this module, and
+:func:`sfm_lib.cli.main` calls :func:`init` and :func:`finish` for ``stats`` and ``distill``. Work is split
+in contiguous blocks (:func:`block`: statistics by items, distillation by classes). Two collectives matter:
 
 - :func:`all_reduce_sum` sums a tensor over ranks in place (statistics: per-class sums and counts;
   distillation: the image gradients).
