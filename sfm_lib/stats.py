@@ -202,6 +202,18 @@ def rank_checkpoint(checkpoint: str | os.PathLike) -> Path:
     return path if world == 1 else path.with_name(f"{path.name}.rank{distributed.rank()}of{world}")
 
 
+def _refuse_other_world_checkpoints(checkpoint: Path, world: int) -> None:
+    """A resume finds no checkpoint of its own but one of a pass with another number of processes."""
+    others = [p.name for p in checkpoint.parent.glob(checkpoint.name + ".rank*of*")
+              if not p.name.endswith(f"of{world}")]
+    if world > 1 and checkpoint.is_file():
+        others.append(checkpoint.name + " (one process)")
+    if others:
+        raise ValueError(f"no checkpoint of this rank for {world} process(es), but {', '.join(sorted(others))} "
+                         f"in {checkpoint.parent} belong to a pass with another number of processes: resume "
+                         f"with that many processes, or delete them to start over")
+
+
 def _class_sums(labels: torch.Tensor, feats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_{i: y_i = c} f_i in float64 [C, D], n_c [C]) of one batch through a one-hot matrix product:
     deterministic on CUDA (no atomic adds), so a resumed pass equals an uninterrupted one bit for bit
@@ -271,6 +283,8 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     ckpt = rank_checkpoint(checkpoint) if checkpoint else None
     if resume and ckpt is None:
         raise ValueError("resume=True needs a checkpoint path")
+    if resume and not ckpt.is_file():
+        _refuse_other_world_checkpoints(Path(checkpoint), world)
     if resume and ckpt.is_file():
         tensors, saved = load_tensors(ckpt)
         if saved.get("kind") != _CKPT_KIND:

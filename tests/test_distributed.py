@@ -249,3 +249,13 @@ def test_rank_blocks_cover_the_items_in_order(fmnist_train):
         assert [i for b in blocks for i in b.indices] == sub.indices
         assert all(b.dataset is fmnist_train and b.name == sub.name for b in blocks)
         assert torch.equal(torch.cat([b.targets for b in blocks]), sub.targets)
+
+
+def test_statistics_resume_refuses_checkpoints_of_another_world_size(tmp_path, lite0, fmnist_train):
+    """Per-rank checkpoints are named for W: resuming with another W is an error, not a silent restart."""
+    from sfm_lib import data, stats
+
+    small = data.subset(fmnist_train, range(4))
+    (tmp_path / "s.ckpt.rank1of2").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"s.ckpt.rank1of2 .*another number of processes"):
+        stats.extract(lite0, small, RES, progress=False, checkpoint=tmp_path / "s.ckpt", resume=True)
