@@ -189,7 +189,8 @@ def test_distillation_under_torchrun_equals_one_process_and_resumes(tmp_path, ti
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     one_3 = _one_process([*args, *first], one)
     one_5 = _one_process([*args, *then], one)
-    _torchrun([*args, *first, "--out", str(two)], env)
+    proc = _torchrun([*args, *first, "--out", str(two)], env)
+    assert proc.stdout.count("wrote ") == 1, "only rank 0 prints"
     two_3 = DistilledSet.load(two)
     _torchrun([*args, *then, "--out", str(two)], env)
     two_5 = DistilledSet.load(two)
