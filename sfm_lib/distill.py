@@ -14,9 +14,11 @@ No host–device synchronisation inside a step: the loss stays on the device and
 are a reshape of the views, and labels are built and checked once per run.
 
 Under torchrun (W processes, :mod:`sfm_lib.distributed`) every rank holds the same images, optimiser and
-generators, forwards only its shard of the views (see :func:`step_gradient`) and takes the same Adam step
-on the summed gradient, so loss and images equal a single-process run up to float summation order. Only
-rank 0 writes checkpoints; every rank resumes from the same checkpoint (also with another W).
+generators, forwards only the views of its block of classes (see :func:`step_gradient`) and takes the same
+Adam step on the summed gradient, so loss and images equal a single-process run: bit for bit where the
+backbone's features of an image do not depend on the other images of its batch (on the CPU, Lite0 with
+batches of ≥ 16), else up to float rounding. Only rank 0 writes checkpoints; every rank resumes from the
+same checkpoint (also with another W).
 """
 from __future__ import annotations
 

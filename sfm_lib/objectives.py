@@ -102,6 +102,13 @@ class ViewLayout:
         return (torch.arange(self.augs, device=device)[:, None] * step + rows[None]).flatten()
 
 
+def _layout_for_torchrun(objective) -> ViewLayout:
+    if objective.layout is None:
+        raise ValueError(f"under torchrun {type(objective).__name__} needs the loop's view layout "
+                         f"(objective.layout); run it through sfm_lib.distill")
+    return objective.layout
+
+
 # ----------------------------------------------------------------------------------------------------- SFM
 class SFMObjective:
     """L = 1 − cos(vec F̃, vec F) with F the real flow of the class means and F̃ that of the synthetic
@@ -181,13 +188,6 @@ class SFMObjective:
 
 
 # ----------------------------------------------------------------------------------------------------- LGM
-def _layout_for_torchrun(objective) -> ViewLayout:
-    if objective.layout is None:
-        raise ValueError(f"under torchrun {type(objective).__name__} needs the loop's view layout "
-                         f"(objective.layout); run it through sfm_lib.distill")
-    return objective.layout
-
-
 def _all_rows(part: Tensor, rows: Tensor, total: int) -> Tensor:
     """[total, D]: rows ``rows`` from this rank's ``part``, the others from the other ranks — exactly
     (each row is non-zero on one rank only); differentiable, each rank's gradient is that of its rows."""
@@ -331,7 +331,7 @@ class LGMObjective:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.g_real: Tensor | None = None
-        self.layout: ViewLayout | None = None  # unused: the head gradient needs per-view labels anyway
+        self.layout: ViewLayout | None = None  # used under torchrun only (to place each rank's views)
 
     def identity(self) -> dict[str, Any]:
         return {"head_std": self.head_std, "balanced": self.balanced, "real_augment": asdict(self.augment),
