@@ -1,4 +1,8 @@
-"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench,inherit} ...`` (``--help`` on each)."""
+"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench,inherit,repro} ...`` (``--help`` on each).
+
+``stats`` and ``distill`` also run under ``torchrun`` (e.g. ``torchrun --nproc_per_node=8 -m sfm_lib stats
+...``): :func:`main` joins the process group, each rank uses the device of its ``LOCAL_RANK``, only rank 0
+prints and writes, and the group is left at the end (see :mod:`sfm_lib.distributed`)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +30,17 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
 
 
+_DISTRIBUTED_COMMANDS = ("stats", "distill")
+
+
+def _say(*args, **kwargs) -> None:
+    """print on rank 0 only (under torchrun the other ranks stay quiet)."""
+    from . import distributed
+
+    if distributed.is_main():
+        print(*args, **kwargs)
+
+
 def _json_out(path: str | None, payload: dict) -> None:
     if path:
         from .utils import atomic_path
@@ -38,9 +53,10 @@ def _json_out(path: str | None, payload: dict) -> None:
 def _cmd_stats(a: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import backbones, data, stats
+    from . import backbones, data, distributed, stats
 
-    ds = data.load(a.dataset, "train", root=a.data_root, download=a.download, skip_bad=a.skip_bad)
+    with distributed.main_first():  # a download happens once
+        ds = data.load(a.dataset, "train", root=a.data_root, download=a.download, skip_bad=a.skip_bad)
     if a.max_per_class:
         ds = data.subset_per_class(ds, a.max_per_class)
     bb = backbones.load(a.backbone, a.device)
@@ -48,16 +64,20 @@ def _cmd_stats(a: argparse.Namespace) -> None:
     st = stats.extract(bb, ds, a.resolution, batch_size=a.batch_size, num_workers=a.workers, kmeans_k=a.kmeans,
                        cache_features=a.cache_features, skip_bad=a.skip_bad, checkpoint=checkpoint,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet)
-    st.save(a.out)
-    checkpoint.unlink(missing_ok=True)  # the output holds everything the checkpoint did
+    if distributed.is_main():
+        st.save(a.out)
+    distributed.barrier()  # the output is written before any rank drops its checkpoint
+    stats.rank_checkpoint(checkpoint).unlink(missing_ok=True)  # the output holds what it did
     skipped = st.meta["num_skipped"]
     note = f"; skipped {skipped} unreadable file(s), listed in the metadata ('skipped')" if skipped else ""
-    print(f"wrote {a.out}: means {tuple(st.means.shape)}, counts {st.counts.tolist()}{note}")
+    world = st.meta["world_size"]
+    note += f"; {world} processes" if world > 1 else ""
+    _say(f"wrote {a.out}: means {tuple(st.means.shape)}, counts {st.counts.tolist()}{note}")
 
 
 # ---------------------------------------------------------------------------------------------- distill
 def _cmd_distill(a: argparse.Namespace) -> None:
-    from . import backbones, data, distill, stats
+    from . import backbones, data, distill, distributed, stats
     from .augment import Augment
 
     if a.method == "lgm" and a.stats:
@@ -71,7 +91,8 @@ def _cmd_distill(a: argparse.Namespace) -> None:
                        f"{st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bb = backbones.load(a.backbone, a.device)
     needs_data = a.init == "real" or a.method == "lgm"
-    train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
+    with distributed.main_first():  # a download happens once
+        train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
     common = dict(ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, lr=a.lr, schedule=a.schedule,
                   augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p), param=a.param,
@@ -82,9 +103,10 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         result = distill.sfm(bb, st, augs=a.augs or 1, loss=a.loss, subclass=a.subclass, ema=a.ema, **common)
     else:
         result = distill.lgm(bb, train, augs=a.augs or 10, head_std=a.head_std, balanced=a.balanced, **common)
-    result.save(a.out)
+    if distributed.is_main():
+        result.save(a.out)
     hist = result.meta["loss_history"]
-    print(f"wrote {a.out}: images {tuple(result.images.shape)}, final loss "
+    _say(f"wrote {a.out}: images {tuple(result.images.shape)}, final loss "
           f"{hist[-1] if hist else float('nan'):.4f}, {result.meta['time_s']} s (checkpoint {checkpoint})")
 
 
@@ -259,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="one pass of the backbone over the training set -> class means",
                        description="Extract per-class feature means (float64) and counts; write safetensors "
-                                   "(tensors 'means' [C,D] and 'counts' [C]) plus JSON metadata.")
+                                   "(tensors 'means' [C,D] and 'counts' [C]) plus JSON metadata. Runs under torchrun too "
+                                   "(each process reads a block of the images; not with --kmeans or "
+                                   "--cache-features).")
     _common(p)
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--max-per-class", type=int, default=0, help="use only the first N images of each class")
@@ -281,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "so that the flows between their class means match the real flows. Linear "
                                    "gradient matching (--method lgm, from the real images of --dataset): match the "
                                    "gradients of random linear heads. Writes safetensors ('images' [N,3,H,W] in "
-                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume.")
+                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume. Runs under torchrun too (each "
+                                   "process forwards the views of a block of classes; same result).")
     _common(p)
     p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
@@ -396,9 +421,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    from . import distributed
+
+    launched = distributed.launched()
+    if launched and args.command not in _DISTRIBUTED_COMMANDS:
+        print(f"error: `{args.command}` does not run under torchrun (only {', '.join(_DISTRIBUTED_COMMANDS)} "
+              f"do); run it as one process: python -m sfm_lib {args.command} ...", file=sys.stderr)
+        return 2
     try:
+        if launched:
+            args.device = str(distributed.init(args.device))  # cuda:LOCAL_RANK, or the CPU with gloo
         args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+        print(f"error: {where}{err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
     return 0

@@ -12,6 +12,13 @@ the entry points. A step:
 No host–device synchronisation inside a step: the loss stays on the device and is read back every
 ``read_every`` steps (progress bar, non-finite check; the history is complete at the end), class means
 are a reshape of the views, and labels are built and checked once per run.
+
+Under torchrun (W processes, :mod:`sfm_lib.distributed`) every rank holds the same images, optimiser and
+generators, forwards only the views of its block of classes (see :func:`step_gradient`) and takes the same
+Adam step on the summed gradient, so loss and images equal a single-process run: bit for bit where the
+backbone's features of an image do not depend on the other images of its batch (on the CPU, Lite0 with
+batches of ≥ 16), else up to float rounding. Only rank 0 writes checkpoints; every rank resumes from the
+same checkpoint (also with another W).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import data, flow
+from . import data, distributed, flow
 from .augment import Augment, AugmentParams
 from .backbones import Backbone
 from .data import DistilledSet
@@ -126,17 +133,28 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
     z_chunk·g_chunk; the row gradients are index-added into the parameters' gradients. The crops are
     identical in both passes (per-image noise seeds), so the gradient equals the one-pass gradient. This
     holds for any objective that depends on the images only through z (SFM and LGM both do).
+
+    Under torchrun (W processes) every rank gets the same ``params`` (one generator state) and forwards
+    only the views of its block of classes (:meth:`ViewLayout.rank_views`); the objective combines its results
+    across ranks (:func:`sfm_lib.distributed.sum_replicated`), so the loss is the single-process loss on
+    every rank, and the image gradients are summed over ranks at the end (each image's views lie on one
+    rank, so the sum adds exact zeros): every rank then takes the same Adam step.
     """
     n = images.num_images
     view_img = torch.arange(n * augs, device=labels.device) % n
+    if distributed.world_size() > 1:
+        num_classes = objective.num_classes
+        mine = ViewLayout(augs, num_classes, n // num_classes).rank_views(labels.device)
+        view_img, params = view_img[mine], params.select(mine)
     view_labels, view_slots = labels[view_img], slots[view_img]
     if not two_pass:
         z = _views(images, backbone, augment, params, view_img, crop)
         loss = objective(z, view_labels, view_slots)
         loss.backward()
+        _sum_gradients(images)
         return loss.detach()
-    chunks = [torch.arange(s, min(s + chunk_size, n * augs), device=labels.device)
-              for s in range(0, n * augs, chunk_size)]
+    chunks = [torch.arange(s, min(s + chunk_size, len(view_img)), device=labels.device)
+              for s in range(0, len(view_img), chunk_size)]
     tensors = list(images.parameters())
     with torch.no_grad():
         z = torch.cat([_views(images, backbone, augment, params.select(c), view_img[c], crop,
@@ -154,7 +172,17 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         zc.backward(g[c])
         for p, r in zip(tensors, rows):
             p.grad.index_add_(0, idx, r.grad)
+    _sum_gradients(images)
     return loss.detach()
+
+
+def _sum_gradients(images: SyntheticImages) -> None:
+    """Under torchrun: Σ over ranks of each parameter's gradient (each rank holds its views' part)."""
+    if distributed.world_size() > 1:
+        for p in images.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum(p.grad)
 
 
 def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init_dataset, seed: int,
@@ -292,6 +320,9 @@ class Distiller:
         self.layout = ViewLayout(cfg.augs, C, cfg.ipc)
         objective.layout = self.layout  # the labels above are in this order: checked once, for the whole run
         self.num_views = C * cfg.ipc * cfg.augs
+        if C < distributed.world_size():
+            raise ValueError(f"the views of {C} classes cannot be shared by {distributed.world_size()} "
+                             f"processes (each takes whole classes): launch at most {C}")
         self.image_gen = torch.Generator().manual_seed(cfg.seed)
         kw = {"grow_every": cfg.grow_every} if cfg.param == "pyramid" else {}
         self.images = _initial_images(cfg.param, self.labels.cpu(), cfg.resolution, cfg.init, init_dataset,
@@ -333,10 +364,12 @@ class Distiller:
         budget = max(0.8 * free - fixed, 0.0)
         per_view = max(self._bytes_per_view(), 1.0)
         torch.cuda.empty_cache()
+        lo, hi = distributed.block(self.objective.num_classes)
+        views = self.config.augs * self.config.ipc * (hi - lo)  # this rank's share
         if self.two_pass is None:
-            self.two_pass = per_view * self.num_views > budget
+            self.two_pass = per_view * views > budget
         if self.chunk_size is None:
-            self.chunk_size = max(1, min(self.num_views, int(budget // per_view)))
+            self.chunk_size = max(1, min(views, int(budget // per_view)))
         return self.two_pass, self.chunk_size
 
     def _oom_message(self) -> str:
@@ -433,6 +466,12 @@ class Distiller:
         elif not cfg.resume and ckpt is not None and ckpt.exists():
             raise FileExistsError(f"checkpoint {ckpt} exists: pass resume=True (--resume) to continue that run, "
                                   f"or delete it to start over")
+        if cfg.resume and distributed.world_size() > 1:  # every rank must continue from the same state
+            found = distributed.all_reduce_sum(torch.tensor([float(start)], device=self.device))
+            if float(found) != start * distributed.world_size():
+                raise ValueError(f"under torchrun every rank must read the same checkpoint {ckpt} (found at "
+                                 f"step {start} here, not on every rank): put it on a file system all "
+                                 f"nodes share")
         buffer = torch.zeros(cfg.read_every, device=self.device)
         pending = []  # step indices whose loss sits in the buffer
 
@@ -452,8 +491,9 @@ class Distiller:
             bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
 
         t0 = time.perf_counter()
-        bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps,
-                   mininterval=1.0)
+        main = distributed.is_main()  # the only rank that writes checkpoints and shows progress
+        bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress or not main, initial=start,
+                   total=cfg.steps, mininterval=1.0)
         for step in bar:
             loss = self.step(step)
             buffer[len(pending)].copy_(loss)
@@ -463,11 +503,11 @@ class Distiller:
             save = ckpt is not None and (step + 1) % cfg.checkpoint_every == 0
             if save or len(pending) == cfg.read_every or step + 1 == cfg.steps:
                 read_back(bar)
-            if save:
+            if save and main:
                 _save_checkpoint(ckpt, self.state_dict(step + 1, history))
         bar.close()
         read_back(bar)
-        if ckpt is not None and cfg.steps > start:
+        if ckpt is not None and cfg.steps > start and main:
             _save_checkpoint(ckpt, self.state_dict(cfg.steps, history))
         with torch.no_grad():
             final = self.images.decode().float().cpu()
@@ -475,7 +515,7 @@ class Distiller:
                 "init": cfg.init if isinstance(cfg.init, str) else "images",
                 "two_pass": self.two_pass, "chunk_size": self.chunk_size, "compile": cfg.compile,
                 "loss_history": history, "time_s": round(time.perf_counter() - t0, 2),
-                "num_classes": self.objective.num_classes}
+                "num_classes": self.objective.num_classes, "world_size": distributed.world_size()}
         return DistilledSet(final, self.labels.cpu(), self.classes, meta)
 
 

@@ -15,6 +15,13 @@ An objective maps the features z [M, D] of M = A·N augmented synthetic views (v
 Because the loss depends on the images only through z, the loop's two-pass backward (features without a
 graph, ∂L/∂z, chunked re-forward) is exact for both objectives: LGM's second-order graph runs through the
 linear head only, never through the backbone.
+
+Under torchrun each rank passes only the views of its block of classes (:meth:`ViewLayout.rank_views`),
+and each objective combines the ranks' parts with :func:`sfm_lib.distributed.sum_replicated` (whose
+backward hands each rank the gradient of its own part), so the loss is the single-process loss on every
+rank. Each part is zero outside its own rows, so the sums only add zeros and are exact: SFM sums the class
+means (each computed whole on the rank that holds its class); LGM sums the features themselves, zero-padded
+to all views (and those of the real batch), and then computes the head gradients as one process does.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from . import flow
+from . import distributed, flow
 from .augment import Augment
 from .backbones import Backbone, square_resize
 from .stats import ClassStats
@@ -77,6 +84,30 @@ class ViewLayout:
         """[C, ipc, D] per-(class, image) means over the copies."""
         return self.check(z).mean(dim=0)
 
+    @property
+    def size(self) -> int:
+        return self.augs * self.num_classes * self.ipc
+
+    def labels(self, device=None) -> Tensor:
+        """The class of every view [M]: c for v = (a·C + c)·ipc + j."""
+        return torch.arange(self.num_classes, device=device).repeat_interleave(self.ipc).repeat(self.augs)
+
+    def rank_views(self, device=None) -> Tensor:
+        """Under torchrun, this rank's views in order: all copies of the images of its block of classes
+        [lo, hi) = :func:`distributed.block` (C); every view without torchrun. Per class, one rank holds
+        all views or none."""
+        lo, hi = distributed.block(self.num_classes)
+        rows = torch.arange(lo * self.ipc, hi * self.ipc, device=device)
+        step = self.num_classes * self.ipc
+        return (torch.arange(self.augs, device=device)[:, None] * step + rows[None]).flatten()
+
+
+def _layout_for_torchrun(objective) -> ViewLayout:
+    if objective.layout is None:
+        raise ValueError(f"under torchrun {type(objective).__name__} needs the loop's view layout "
+                         f"(objective.layout); run it through sfm_lib.distill")
+    return objective.layout
+
 
 # ----------------------------------------------------------------------------------------------------- SFM
 class SFMObjective:
@@ -122,7 +153,9 @@ class SFMObjective:
 
     def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
         layout = self.layout if self.layout is not None and self.layout.fits(z) else None
-        if self.subclass:
+        if distributed.world_size() > 1:  # z: this rank's views; the means are over every rank's
+            stat = self._shared_statistic(z, labels, slots)
+        elif self.subclass:
             stat = (layout.subclass_means(z) if layout is not None
                     else flow.subclass_means(z, labels, slots, self.C, self.ipc))
         else:
@@ -135,6 +168,16 @@ class SFMObjective:
             return flow.sfm_loss(flow.subclass_real_flow(stat.mean(1), stat), self.target)
         return flow.sfm_loss(flow.real_flow(stat), self.target)
 
+    def _shared_statistic(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
+        """Under torchrun: the class (or class-slot) means of every rank's views, the same on every rank.
+        With the loop's layout, z holds all views of classes [lo, hi) (copy-major): their means are
+        computed here as in one process and placed in rows lo … hi−1 of zeros, then summed over ranks."""
+        lay, (lo, hi) = _layout_for_torchrun(self), distributed.block(self.C)
+        local = ViewLayout(lay.augs, hi - lo, lay.ipc)  # checks that z holds the views of classes lo … hi−1
+        part = local.subclass_means(z) if self.subclass else local.class_means(z)
+        before, after = part.new_zeros((lo, *part.shape[1:])), part.new_zeros((self.C - hi, *part.shape[1:]))
+        return distributed.sum_replicated(torch.cat([before, part, after]))
+
     def state_dict(self) -> dict[str, Tensor]:
         """The running average (empty before the first call or with ``ema`` = 0)."""
         return {} if self.running is None else {"running": self.running.detach().cpu()}
@@ -145,6 +188,13 @@ class SFMObjective:
 
 
 # ----------------------------------------------------------------------------------------------------- LGM
+def _all_rows(part: Tensor, rows: Tensor, total: int) -> Tensor:
+    """[total, D]: rows ``rows`` from this rank's ``part``, the others from the other ranks — exactly
+    (each row is non-zero on one rank only); differentiable, each rank's gradient is that of its rows."""
+    full = part.new_zeros(total, part.shape[1]).index_copy(0, rows, part)
+    return distributed.sum_replicated(full)
+
+
 def head_gradient(z: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
                   create_graph: bool = False) -> tuple[Tensor, Tensor]:
     """Gradient of the mean cross-entropy CE = (1/N) Σ_i −log softmax(W z_i + b)_{y_i} w.r.t. the head:
@@ -281,7 +331,7 @@ class LGMObjective:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.g_real: Tensor | None = None
-        self.layout: ViewLayout | None = None  # unused: the head gradient needs per-view labels anyway
+        self.layout: ViewLayout | None = None  # used under torchrun only (to place each rank's views)
 
     def identity(self) -> dict[str, Any]:
         return {"head_std": self.head_std, "balanced": self.balanced, "real_augment": asdict(self.augment),
@@ -302,13 +352,22 @@ class LGMObjective:
         self.bias = torch.zeros(self.num_classes, device=self.device)
         views, y = self.real_batch()
         with torch.no_grad():
-            z = backbone(backbone.preprocess(views, self.crop))
+            if distributed.world_size() > 1:  # every rank drew the same batch; each forwards its block
+                lo, hi = distributed.block(len(y))
+                z = backbone(backbone.preprocess(views[lo:hi], self.crop))
+                z = _all_rows(z, torch.arange(lo, hi, device=z.device), len(y))
+            else:
+                z = backbone(backbone.preprocess(views, self.crop))
         gw, gb = head_gradient(z, y, self.weight, self.bias)
         self.g_real = torch.cat([gw.flatten(), gb]).detach()
 
     def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
         if self.g_real is None:
             raise RuntimeError("LGMObjective: call begin_step() before the loss (it draws the head and real batch)")
+        if distributed.world_size() > 1:  # z: this rank's views; the head gradient needs every view
+            lay = _layout_for_torchrun(self)
+            z = _all_rows(z, lay.rank_views(z.device), lay.size)
+            labels = lay.labels(z.device)
         gw, gb = head_gradient(z, labels, self.weight, self.bias, create_graph=True)
         return flow.sfm_loss(torch.cat([gw.flatten(), gb]), self.g_real)
 

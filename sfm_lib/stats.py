@@ -9,6 +9,12 @@ of each class's features (:class:`Reservoir`): sub-class targets for IPC > 1. Me
 the number of images (except the optional feature cache, one float16 table). A long pass checkpoints its
 float64 sums, counts and position and resumes exactly. The result is tiny (C×D numbers) and is saved as
 safetensors (``means`` [C, D], ``counts`` [C], optional ``centres`` [C, K, D]) with JSON metadata.
+
+Under ``torchrun`` (W processes, :mod:`sfm_lib.distributed`) rank r streams the r-th of W contiguous blocks
+of the items, the float64 sums and counts are all-reduced, and every rank returns the same means (equal
+to one process's up to float64 summation order); metadata records ``world_size``. Checkpoints are per rank
+(``CKPT.rank{r}of{W}``, resumable with the same W). The k-means sample and the feature cache need one
+process and are refused with W > 1.
 """
 from __future__ import annotations
 
@@ -22,9 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from . import cache, distributed
 from . import data as data_mod
-
-from . import cache
 from . import features as features_mod
 from .backbones import Backbone
 from .utils import load_tensors, save_tensors
@@ -177,7 +182,37 @@ class Reservoir:
 _CKPT_KIND = "sfm_lib statistics checkpoint"
 # Settings a resumed pass must share with its checkpoint: every one changes the result.
 _RESUME_KEYS = ("dataset", "split", "backbone", "pretrained", "resolution", "batch_size", "kmeans_k",
-                "kmeans_sample", "seed", "feature_dim", "num_classes")
+                "kmeans_sample", "seed", "feature_dim", "num_classes", "world_size", "rank")
+
+
+def _rank_block(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """Items ⌊r·n/W⌋ … ⌊(r+1)·n/W⌋ − 1 of ``dataset``: rank r's contiguous block (sequential file reads;
+    a per-rank position then resumes it like a whole pass). Nested subsets are flattened."""
+    lo, hi = distributed.block(len(dataset), rank, world)
+    if isinstance(dataset, torch.utils.data.Subset):
+        block = data_mod.subset(dataset.dataset, [dataset.indices[i] for i in range(lo, hi)])
+    else:
+        block = data_mod.subset(dataset, range(lo, hi))
+    block.split = getattr(dataset, "split", None)
+    return block
+
+
+def rank_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """This rank's statistics checkpoint: ``checkpoint`` itself in one process, else ``NAME.rank{r}of{W}``."""
+    path, world = Path(checkpoint), distributed.world_size()
+    return path if world == 1 else path.with_name(f"{path.name}.rank{distributed.rank()}of{world}")
+
+
+def _refuse_other_world_checkpoints(checkpoint: Path, world: int) -> None:
+    """A resume finds no checkpoint of its own but one of a pass with another number of processes."""
+    others = [p.name for p in checkpoint.parent.glob(checkpoint.name + ".rank*of*")
+              if not p.name.endswith(f"of{world}")]
+    if world > 1 and checkpoint.is_file():
+        others.append(checkpoint.name + " (one process)")
+    if others:
+        raise ValueError(f"no checkpoint of this rank for {world} process(es), but {', '.join(sorted(others))} "
+                         f"in {checkpoint.parent} belong to a pass with another number of processes: resume "
+                         f"with that many processes, or delete them to start over")
 
 
 def _class_sums(labels: torch.Tensor, feats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,13 +244,23 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     uninterrupted pass; it refuses a checkpoint made with another dataset, backbone, resolution, batch size
     or k-means setting, or whose items before the saved position differ. Without ``resume`` an existing
     checkpoint is never overwritten.
+
+    Under torchrun (W > 1): each rank streams its block of the items (see the module doc), checkpoints to
+    :func:`rank_checkpoint` and resumes from it (same W); ``kmeans_k`` and ``cache_features`` are refused.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if device is not None:
         backbone = backbone.to(device)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be ≥ 1 batch, got {checkpoint_every}")
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and (kmeans_k > 0 or cache_features):
+        raise ValueError("the k-means centres (--kmeans) and the feature cache (--cache-features) need the "
+                         "whole pass in one process: run that statistics pass without torchrun")
+    full_dataset = dataset
+    if world > 1:
+        dataset = _rank_block(dataset, rank, world)
     classes = list(dataset.classes)
     C, D = len(classes), backbone.feature_dim
     dev = backbone.device
@@ -232,18 +277,22 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
               "backbone": backbone.name, "pretrained": getattr(backbone, "pretrained", None),
               "resolution": resolution, "batch_size": batch_size, "kmeans_k": kmeans_k,
               "kmeans_sample": kmeans_sample if kmeans_k else None, "seed": seed if kmeans_k else None,
-              "feature_dim": D, "num_classes": C}
+              "feature_dim": D, "num_classes": C, "world_size": world, "rank": rank}
     position, skipped = 0, []
     prefix = data_mod.Fingerprint(dataset)  # of the items before ``position``
 
-    ckpt = Path(checkpoint) if checkpoint else None
+    ckpt = rank_checkpoint(checkpoint) if checkpoint else None
     if resume and ckpt is None:
         raise ValueError("resume=True needs a checkpoint path")
+    if resume and not ckpt.is_file():
+        _refuse_other_world_checkpoints(Path(checkpoint), world)
     if resume and ckpt.is_file():
         tensors, saved = load_tensors(ckpt)
         if saved.get("kind") != _CKPT_KIND:
             raise ValueError(f"{ckpt} is not a statistics checkpoint; delete it or pass another --checkpoint")
-        diff = {k: (saved.get(k), config[k]) for k in _RESUME_KEYS if saved.get(k) != config[k]}
+        old = {"world_size": 1, "rank": 0}  # checkpoints written before torchrun support
+        diff = {k: (saved.get(k, old.get(k)), config[k]) for k in _RESUME_KEYS
+                if saved.get(k, old.get(k)) != config[k]}
         if diff:
             named = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"checkpoint {ckpt} belongs to another statistics pass ({named}); run with the "
@@ -274,8 +323,9 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
         save_tensors(ckpt, tensors, meta)
 
     batches = 0
-    bar = tqdm(total=len(dataset), initial=position, desc=f"statistics {backbone.name}@{resolution}",
-               unit="img", disable=not progress, mininterval=2.0)
+    where = f" (rank 0 of {world})" if world > 1 else ""
+    bar = tqdm(total=len(dataset), initial=position, desc=f"statistics {backbone.name}@{resolution}{where}",
+               unit="img", disable=not progress or not distributed.is_main(), mininterval=2.0)
     try:
         for batch in features_mod.stream(backbone, dataset, resolution, batch_size, num_workers,
                                          start=position, skip_bad=skip_bad):
@@ -307,6 +357,13 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
         bar.close()
     if ckpt is not None:
         save_checkpoint()
+    if world > 1:  # Σ over ranks of float64 sums and counts; every rank gets the whole skipped list
+        distributed.all_reduce_sum(sums)
+        distributed.all_reduce_sum(counts)
+        lists: list = [None] * world
+        torch.distributed.all_gather_object(lists, skipped)
+        skipped = [path for part in lists for path in part]
+        dataset = full_dataset
     if (counts == 0).any():
         empty = [classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
         raise ValueError(f"classes without any image in {dataset.name}: {empty}")
@@ -319,7 +376,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
                            resolution=resolution)
     meta = {"backbone": backbone.name, "feature_dim": D, "resolution": resolution, "dataset": dataset.name,
             "split": getattr(dataset, "split", None), "num_images": int(counts.sum()), "kmeans_k": kmeans_k,
-            "num_skipped": len(skipped), "skipped": skipped}
+            "num_skipped": len(skipped), "skipped": skipped, "world_size": world}
     return ClassStats(means, counts.cpu(), classes, meta, centres)
 
 
@@ -345,5 +402,6 @@ def cached_extract(backbone: Backbone, dataset: Dataset, resolution: int, **kwar
     if path.is_file():
         return ClassStats.load(path)
     result = extract(backbone, dataset, resolution, **kwargs)
-    result.save(path)
+    if distributed.is_main():
+        result.save(path)
     return result
