@@ -310,8 +310,10 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
     assert info.value.code == 0 and "--eval-backbone" in capsys.readouterr().out
     g = torch.Generator().manual_seed(0)
     dpath = tmp_path / "d.safetensors"
-    DistilledSet(torch.rand(10, 3, 32, 32, generator=g), torch.arange(10), [str(i) for i in range(10)],
-                 {"backbone": "effnet_lite0", "method": "sfm", "ipc": 1}).save(dpath)
+    from sfm_lib.data import FASHION_MNIST_CLASSES
+
+    DistilledSet(torch.rand(10, 3, 32, 32, generator=g), torch.arange(10), list(FASHION_MNIST_CLASSES),
+                 {"backbone": "effnet_lite0", "method": "sfm", "ipc": 1, "dataset": "fashion_mnist"}).save(dpath)
     out, clf_path = tmp_path / "inherit.json", tmp_path / "clf.safetensors"
     common = ["inherit", "--distilled", str(dpath), "--resolution", "32", "--device", "cpu", "--views", "3",
               "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1"]
