@@ -179,3 +179,10 @@ def test_bad_pairings_are_clear_errors(pair, lite0, lite1):
         distill.sfm([lite1, lite0], sts, steps=1, resolution=RES, progress=False)
     with pytest.raises(ValueError, match="need lists"):
         distill.sfm(lite0, sts[0], steps=1, resolution=RES, progress=False, backbone_weights=[1])
+
+
+def test_compile_compiles_every_backbone_of_a_copy(pair, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    out = _run(pair, steps=1, compile=True)
+    assert compiled == [b.model for b in pair[0]] and out.meta["compile"] is True
