@@ -76,33 +76,68 @@ def _cmd_stats(a: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- distill
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",")] if value else []
+
+
+def _recipe(a: argparse.Namespace):
+    """The preset (default: the book's recipe) with every recipe flag that was given replacing its value."""
+    from . import recipes
+
+    augs = a.augs if a.augs is not None or a.method == "sfm" else 10  # LGM's own default: 10 views
+    return recipes.get(a.preset, steps=a.steps, augs=augs, ema=a.ema, init=a.init, crop_scale=a.crop_scale,
+                       noise_p=a.noise_p, param=a.param, lr=a.lr, schedule=a.schedule, grow_every=a.grow_every)
+
+
 def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, distributed, stats
-    from .augment import Augment
 
+    names, stats_files = _split(a.backbone), _split(a.stats)
     if a.method == "lgm" and a.stats:
         raise CliError("--method lgm matches gradients on real images: pass --dataset (the training set), "
                        "not --stats")
     if a.method == "sfm" and not a.stats:
         raise CliError("--method sfm needs --stats FILE (class statistics from `python -m sfm_lib stats`)")
-    st = stats.ClassStats.load(a.stats) if a.method == "sfm" else None
-    if st is not None and a.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
-        raise CliError(f"--init real takes images from --dataset {a.dataset}, but {a.stats} holds statistics of "
-                       f"{st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
-    bb = backbones.load(a.backbone, a.device)
-    needs_data = a.init == "real" or a.method == "lgm"
+    if a.method == "lgm" and len(names) > 1:
+        raise CliError("several backbones work with --method sfm only")
+    if a.method == "sfm" and len(names) != len(stats_files):
+        raise CliError(f"--backbone names {len(names)} backbone(s) but --stats {len(stats_files)} file(s); give "
+                       f"one statistics file per backbone, paired in order (--backbone A,B --stats a.st,b.st)")
+    weights = None
+    if a.backbone_weights is not None:
+        try:
+            weights = [float(w) for w in _split(a.backbone_weights)]
+        except ValueError:
+            raise CliError(f"--backbone-weights takes numbers separated by commas, got {a.backbone_weights!r}")
+        if len(weights) != len(names):
+            raise CliError(f"--backbone-weights gives {len(weights)} weight(s) for {len(names)} backbone(s)")
+    r = _recipe(a)
+    if a.method == "lgm" and a.ema:
+        raise CliError("--ema is a setting of --method sfm (the running average of its class means)")
+    print(f"recipe: {r.describe()}")
+    sts = [stats.ClassStats.load(f) for f in stats_files] if a.method == "sfm" else []
+    for path, st in zip(stats_files, sts):
+        if r.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
+            raise CliError(f"--init real takes images from --dataset {a.dataset}, but {path} holds statistics "
+                           f"of {st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
+    bbs = [backbones.load(n, a.device) for n in names]
+    needs_data = r.init == "real" or a.method == "lgm"
     with distributed.main_first():  # a download happens once
         train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
-    common = dict(ipc=a.ipc, steps=a.steps, resolution=a.resolution, crop=a.crop, lr=a.lr, schedule=a.schedule,
-                  augment=Augment(scale=(a.crop_scale, 1.0), noise_p=a.noise_p), param=a.param,
-                  grow_every=a.grow_every, init=a.init, init_dataset=train if a.init == "real" else None,
-                  seed=a.seed, two_pass=a.two_pass, chunk_size=a.chunk_size, checkpoint=checkpoint,
-                  checkpoint_every=a.checkpoint_every, resume=a.resume, compile=a.compile)
+    kw = r.sfm_kwargs()
+    common = dict(ipc=a.ipc, resolution=a.resolution, crop=a.crop,
+                  init_dataset=train if r.init == "real" else None, seed=a.seed, two_pass=a.two_pass,
+                  chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
+                  resume=a.resume, compile=a.compile)
     if a.method == "sfm":
-        result = distill.sfm(bb, st, augs=a.augs or 1, loss=a.loss, subclass=a.subclass, ema=a.ema, **common)
+        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
+        result = distill.sfm(bbs if len(bbs) > 1 else bbs[0], sts if len(sts) > 1 else sts[0], loss=a.loss,
+                             subclass=a.subclass, **multi, **kw, **common)
     else:
-        result = distill.lgm(bb, train, augs=a.augs or 10, head_std=a.head_std, balanced=a.balanced, **common)
+        kw.pop("ema")
+        result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
+    result.meta["recipe"] = {"name": r.name, **r.settings()}
     if distributed.is_main():
         result.save(a.out)
     hist = result.meta["loss_history"]
@@ -121,6 +156,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, evaluate
 
     ds = distill.DistilledSet.load(a.distilled)
+    recipe = ds.meta.get("recipe")
+    if isinstance(recipe, dict):
+        settings = ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "name")
+        print(f"{a.distilled} was distilled with {ds.meta.get('backbone')}, recipe {recipe.get('name')}: "
+              f"{settings}")
     test = data.load(a.dataset, "test", root=a.data_root, download=a.download)
     if len(ds.classes) != len(test.classes):
         raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
@@ -275,6 +315,8 @@ def _inherit_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import recipes
+
     parser = argparse.ArgumentParser(prog="python -m sfm_lib",
                                      description="Dataset distillation for frozen backbones by statistical flow matching.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -305,31 +347,49 @@ def build_parser() -> argparse.ArgumentParser:
                                    "so that the flows between their class means match the real flows. Linear "
                                    "gradient matching (--method lgm, from the real images of --dataset): match the "
                                    "gradients of random linear heads. Writes safetensors ('images' [N,3,H,W] in "
-                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume. Runs under torchrun too (each "
-                                   "process forwards the views of a block of classes; same result).")
+                                   "[0,1], 'labels' [N]); checkpoints to OUT.ckpt for --resume. The "
+                                   "recipe flags default to --preset (printed as 'recipe: ...', stored in the "
+                                   "output's metadata). Several backbones (sfm): --backbone effnet_lite0,"
+                                   "effnet_lite1 --stats s0.safetensors,s1.safetensors (paired in order); the "
+                                   "loss is the weighted mean of their flow losses on the same views. Runs under "
+                                   "torchrun too (each process forwards the views of a block of classes; same "
+                                   "result).")
     _common(p)
     p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
                         "images of --dataset")
-    p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`")
+    p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`; several "
+                   "backbones: one file per --backbone, comma-separated in the same order")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--ipc", type=int, default=1, help="synthetic images per class")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--preset", default=None, choices=list(recipes.RECIPES),
+                   help=f"the recipe whose settings are the defaults of the flags below (default "
+                        f"{recipes.DEFAULT}, the book's; 'paper': the papers' ImageNet settings)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the preset's)")
     p.add_argument("--crop", type=int, default=None, help="backbone input size of the augmented views "
                                                          "(default: --resolution)")
-    p.add_argument("--augs", type=int, default=None, help="augmented views per image and step (default: sfm 1, "
-                                                          "lgm 10)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default per --param)")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
-    p.add_argument("--crop-scale", type=float, default=0.08, help="smallest area fraction of the random resized crop")
-    p.add_argument("--noise-p", type=float, default=0.5, help="probability of additive Gaussian noise per view")
-    p.add_argument("--param", default="pixels", choices=["pixels", "pyramid"])
-    p.add_argument("--grow-every", type=int, default=200, help="pyramid: steps between new levels")
-    p.add_argument("--init", default="noise", choices=["noise", "real"], help="start from noise or real images")
+    p.add_argument("--augs", type=int, default=None, help="augmented views per image and step (default: sfm the "
+                                                          "preset's, lgm 10)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
+                   help="learning-rate schedule (default: the preset's)")
+    p.add_argument("--crop-scale", type=float, default=None, help="smallest area fraction of the random resized "
+                                                                  "crop (default: the preset's)")
+    p.add_argument("--noise-p", type=float, default=None, help="probability of additive Gaussian noise per view "
+                                                               "(default: the preset's)")
+    p.add_argument("--param", default=None, choices=["pixels", "pyramid"], help="default: the preset's")
+    p.add_argument("--grow-every", type=int, default=None, help="pyramid: steps between new levels (default: the "
+                                                                "preset's)")
+    p.add_argument("--init", default=None, choices=["noise", "real"], help="start from noise or from random real "
+                                                                           "images of --dataset (default: the preset's)")
     p.add_argument("--loss", default="flow", choices=["flow", "mse"], help="flow cosine (SFM) or mean MSE (ablation)")
     p.add_argument("--subclass", action="store_true", help="match image j of a class to its j-th k-means centre")
-    p.add_argument("--ema", type=float, default=0.0, help="running average of the synthetic class means in the "
-                   "loss, weight BETA in [0, 1) on the past (0: off; 0.7 ≈ twice the views per step)")
+    p.add_argument("--ema", type=float, default=None, help="running average of the synthetic class means in the "
+                   "loss, weight BETA in [0, 1) on the past (0: off; 0.7 ≈ twice the views per step; default: "
+                   "the preset's)")
+    p.add_argument("--backbone-weights", default=None, metavar="W1,W2,...",
+                   help="sfm with several backbones (--backbone A,B --stats a,b): weights of their losses in "
+                        "the weighted mean (default: equal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-std", type=float, default=0.01, help="lgm: std of the random head W (b = 0)")
     p.add_argument("--balanced", action="store_true", help="lgm: class-balanced real batches (default shuffled)")

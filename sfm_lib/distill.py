@@ -39,13 +39,14 @@ from .augment import Augment, AugmentParams
 from .backbones import Backbone
 from .data import DistilledSet
 from .images import SyntheticImages, make_images
-from .objectives import LGMObjective, SFMObjective, ViewLayout, _dataset_identity, tensor_hash
+from .objectives import (LGMObjective, MultiBackbone, MultiSFMObjective, SFMObjective, ViewLayout,
+                         _dataset_identity, tensor_hash)
 from .progress import tqdm
 from .stats import ClassStats
 from .utils import atomic_path
 
 __all__ = ["DistillConfig", "Distiller", "run", "sfm", "lgm", "DistilledSet", "SFMObjective", "LGMObjective",
-           "Snapshots", "step_gradient", "gradient_agreement", "DEFAULT_LR"]
+           "MultiBackbone", "MultiSFMObjective", "Snapshots", "step_gradient", "gradient_agreement", "DEFAULT_LR"]
 
 DEFAULT_LR = {"pixels": 0.05, "pyramid": 0.01}
 _CHECKPOINT_VERSION = 2
@@ -285,6 +286,8 @@ def _lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
 
 def _compiled(backbone: Backbone) -> Backbone:
     """A shallow copy of ``backbone`` whose model is ``torch.compile``-d (the original is left as it is)."""
+    if isinstance(backbone, MultiBackbone):
+        return MultiBackbone([_compiled(b) for b in backbone.backbones], backbone.crops)
     out = copy.copy(backbone)
     out.model = torch.compile(backbone.model)
     return out
@@ -535,13 +538,16 @@ def run(backbone: Backbone, objective, config: DistillConfig, classes: Sequence[
     return Distiller(backbone, objective, config, classes, init_dataset).run(callback, desc)
 
 
-def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, resolution: int = 64, *,
+def sfm(backbone: Backbone | Sequence[Backbone], stats: ClassStats | Sequence[ClassStats], ipc: int = 1,
+        steps: int = 1000, resolution: int = 64, *,
         crop: int | None = None, augs: int = 1, lr: float | None = None, schedule: str = "constant",
         param: str = "pixels", grow_every: int = 200, init: str = "noise", init_dataset=None, loss: str = "flow",
         subclass: bool = False, ema: float = 0.0, augment: Augment | None = None, seed: int = 0,
         two_pass: bool | None = None, chunk_size: int | None = None,
         checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
-        progress: bool = True, callback=None, compile: bool = False) -> DistilledSet:
+        progress: bool = True, callback=None, compile: bool = False,
+        backbone_weights: Sequence[float] | None = None,
+        backbone_crops: Sequence[int] | None = None) -> DistilledSet:
     """Distil ``ipc`` images per class by statistical flow matching.
 
     Each step: x̃ = decode(θ); A = ``augs`` augmented views per image; z = φ(normalise(aug(x̃)));
@@ -553,7 +559,30 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
     :class:`SFMObjective`); β = 0.7 gives about the accuracy of twice the views per step at the cost of one.
     The other arguments are those of :class:`DistillConfig` (``init_dataset`` for ``init="real"``);
     ``callback(step, loss, images)`` is called after every step (e.g. :class:`Snapshots`).
+
+    Several backbones: ``backbone`` and ``stats`` are lists paired in order (each statistics file checked
+    against its backbone). Every backbone sees the same augmented views, each with its own preprocessing,
+    at its own input size (``backbone_crops``, default the loop's crop); the loss is the weighted mean
+    L = Σ_k w_k L_k / Σ_k w_k of the per-backbone losses (``backbone_weights``, default equal), each with
+    its own running average (see :class:`MultiBackbone`, :class:`MultiSFMObjective`). A list of one is
+    the single-backbone run.
     """
+    if isinstance(backbone, (list, tuple)) or isinstance(stats, (list, tuple)):
+        bbs = list(backbone) if isinstance(backbone, (list, tuple)) else [backbone]
+        sts = list(stats) if isinstance(stats, (list, tuple)) else [stats]
+        if len(bbs) != len(sts):
+            raise ValueError(f"{len(bbs)} backbones but {len(sts)} statistics: give one statistics file per "
+                             f"backbone, paired in order")
+        if len(bbs) > 1 or backbone_weights is not None or backbone_crops is not None:
+            return _sfm_multi(bbs, sts, backbone_weights, backbone_crops, ipc=ipc, steps=steps,
+                              resolution=resolution, crop=crop, augs=augs, lr=lr, schedule=schedule, param=param,
+                              grow_every=grow_every, init=init, init_dataset=init_dataset, loss=loss,
+                              subclass=subclass, ema=ema, augment=augment, seed=seed, two_pass=two_pass,
+                              chunk_size=chunk_size, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                              resume=resume, progress=progress, callback=callback, compile=compile)
+        backbone, stats = bbs[0], sts[0]
+    elif backbone_weights is not None or backbone_crops is not None:
+        raise ValueError("backbone_weights and backbone_crops need lists of backbones and statistics")
     stats.check_compatible(backbone)
     config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
                            schedule=schedule, param=param, grow_every=grow_every, init=init,
@@ -568,6 +597,44 @@ def sfm(backbone: Backbone, stats: ClassStats, ipc: int = 1, steps: int = 1000, 
     result = run(backbone, objective, config, stats.classes, init_dataset=init_dataset, callback=callback)
     result.meta.update(loss=loss, subclass=subclass, ema=ema, dataset=stats.meta.get("dataset"),
                        stats_resolution=stats.meta.get("resolution"))
+    return result
+
+
+def _sfm_multi(backbones: list[Backbone], stats: list[ClassStats], weights: Sequence[float] | None,
+               crops: Sequence[int] | None, *, ipc: int, steps: int, resolution: int, crop: int | None,
+               augs: int, lr: float | None, schedule: str, param: str, grow_every: int, init, init_dataset,
+               loss: str, subclass: bool, ema: float, augment: Augment | None, seed: int,
+               two_pass: bool | None, chunk_size: int | None, checkpoint, checkpoint_every: int, resume: bool,
+               progress: bool, callback, compile: bool) -> DistilledSet:
+    """:func:`sfm` over several backbones (see there)."""
+    for k, (bb, st) in enumerate(zip(backbones, stats)):
+        try:
+            st.check_compatible(bb)
+        except ValueError as err:
+            raise ValueError(f"statistics {k + 1} (paired with backbone {k + 1}, {bb.name}): {err}") from None
+    if len({tuple(st.classes) for st in stats}) != 1:
+        raise ValueError("the statistics files hold different classes: they must come from one dataset")
+    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
+                           schedule=schedule, param=param, grow_every=grow_every, init=init,
+                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                           progress=progress, compile=compile)
+    config.check()
+    crops = [None] * len(backbones) if crops is None else [None if c is None else int(c) for c in crops]
+    if len(crops) != len(backbones):
+        raise ValueError(f"{len(crops)} backbone crop sizes for {len(backbones)} backbones")
+    sizes = [c or config.crop_size for c in crops]
+    for bb, st, size in zip(backbones, stats, sizes):
+        if st.meta.get("resolution") not in (None, size):
+            warnings.warn(f"statistics of {bb.name} were extracted at {st.meta['resolution']} px but it sees "
+                          f"{size} px views: features depend on the input size", stacklevel=3)
+    phi = MultiBackbone(backbones, crops)
+    objective = MultiSFMObjective([SFMObjective(st, phi.device, loss, subclass, ipc, ema) for st in stats],
+                                  phi.dims, weights, phi.names, sizes)
+    result = run(phi, objective, config, stats[0].classes, init_dataset=init_dataset, callback=callback)
+    result.meta.update(loss=loss, subclass=subclass, ema=ema, dataset=stats[0].meta.get("dataset"),
+                       backbones=phi.names, backbone_weights=objective.weights, backbone_crops=sizes,
+                       stats_resolution=[st.meta.get("resolution") for st in stats])
     return result
 
 

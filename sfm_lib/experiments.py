@@ -25,7 +25,7 @@ from .utils import resolve_device
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Context", "prepare", "distilled", "sweep", "ABLATIONS"]
+__all__ = ["Context", "prepare", "distilled", "step_seconds", "sweep", "ABLATIONS"]
 
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "augs": {"A=1": {"augs": 1}, "A=2": {"augs": 2}},
@@ -84,8 +84,8 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
 _SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
 
 
-def distilled(ctx: Context, *, method: str = "sfm", crop_scale: float | None = None, noise_p: float | None = None,
-              **kwargs) -> data.DistilledSet:
+def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_scale: float | None = None,
+              noise_p: float | None = None, **kwargs) -> data.DistilledSet:
     """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)`` (``method="lgm"``:
     ``distill.lgm(ctx.backbone, ctx.train, ...)``), cached on disk by its arguments and the statistics (LGM:
     the training set). With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run always happens,
@@ -94,9 +94,20 @@ def distilled(ctx: Context, *, method: str = "sfm", crop_scale: float | None = N
 
     Shorthands: ``crop_scale`` (smallest crop area) and ``noise_p`` build the ``augment``; ``init="real"``
     takes random images of ``ctx.train``; ``init="centroids"`` starts from the real images whose features are
-    nearest the class means."""
+    nearest the class means.
+
+    Several backbones (SFM only): ``ctx`` a list of contexts, one per backbone, the same dataset; their
+    backbones and statistics are paired in order (``backbone_weights``, ``backbone_crops`` as in
+    :func:`sfm_lib.distill.sfm`); the first context gives the training images and the resolution. The key
+    holds every backbone and the fingerprint of each one's statistics."""
     if method not in _SIGNATURES:
         raise ValueError(f"method must be one of {sorted(_SIGNATURES)}, got {method!r}")
+    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+    if not contexts:
+        raise ValueError("distilled needs at least one context")
+    if len(contexts) > 1 and method != "sfm":
+        raise ValueError(f"several backbones work with method='sfm' only, got {method!r}")
+    ctx = contexts[0]
     kwargs.setdefault("resolution", ctx.resolution)
     kwargs.setdefault("progress", False)
     if crop_scale is not None or noise_p is not None:
@@ -106,24 +117,52 @@ def distilled(ctx: Context, *, method: str = "sfm", crop_scale: float | None = N
                                                 noise_p=base.noise_p if noise_p is None else noise_p)
     if kwargs.get("init") == "real":
         kwargs.setdefault("init_dataset", ctx.train)
-    source = ctx.stats if method == "sfm" else ctx.train
+    multi = len(contexts) > 1
+    source = ([c.stats for c in contexts] if multi else ctx.stats) if method == "sfm" else ctx.train
+    phi = [c.backbone for c in contexts] if multi else ctx.backbone
     # the key holds every argument of the method with its default filled in, so equal runs share one file
-    bound = _SIGNATURES[method].bind_partial(ctx.backbone, source, **kwargs)
+    bound = _SIGNATURES[method].bind_partial(phi, source, **kwargs)
     bound.apply_defaults()
     # the memory plan and compile do not change the result, so they stay out of the key
     args = {k: v for k, v in bound.arguments.items()
-            if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass", "chunk_size")}
+            if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass", "chunk_size")
+            and not (k in ("backbone_weights", "backbone_crops") and v is None)}  # None: one backbone
     init_name = "images" if isinstance(args["init"], torch.Tensor) else args["init"]
-    path = cache.entry("distilled", method, backbone=ctx.backbone, source=source, args=args)
+    path = cache.entry("distilled", method, backbone=phi, source=source, args=args)
     if path.is_file() and kwargs.get("callback") is None:
         return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
         kwargs["init"] = torch.stack([img for img, _ in nearest])
-    result = getattr(distill, method)(ctx.backbone, source, **kwargs)
+    result = getattr(distill, method)(phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)
     return result
+
+
+def step_seconds(ctx: Context | Sequence[Context], *, steps: int = 6, repeats: int = 3, crop_scale: float | None = None,
+                 noise_p: float | None = None, **kwargs) -> float:
+    """Seconds per SFM step of :func:`distilled`'s run with these arguments (one backbone, or one per
+    context), measured now: ``repeats`` short uncached runs of ``steps`` steps, the median of each run's
+    loop time / steps. For comparing the cost of settings within one run, on one machine."""
+    import statistics
+
+    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+    kwargs.setdefault("resolution", contexts[0].resolution)
+    kwargs.update(steps=steps, progress=False, checkpoint=None)
+    if crop_scale is not None or noise_p is not None:
+        base = kwargs.get("augment") or Augment()
+        kwargs["augment"] = dataclasses.replace(base, scale=(base.scale[0] if crop_scale is None else crop_scale,
+                                                             base.scale[1]),
+                                                noise_p=base.noise_p if noise_p is None else noise_p)
+    if kwargs.get("init") == "real":
+        kwargs.setdefault("init_dataset", contexts[0].train)
+    if kwargs.get("init") == "centroids":
+        kwargs["init"] = "real"  # the start does not change the cost
+    phi = [c.backbone for c in contexts] if len(contexts) > 1 else contexts[0].backbone
+    source = [c.stats for c in contexts] if len(contexts) > 1 else contexts[0].stats
+    times = [distill.sfm(phi, source, **kwargs).meta["time_s"] / steps for _ in range(repeats)]
+    return statistics.median(times)
 
 
 def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapping[str, Any] | None = None,

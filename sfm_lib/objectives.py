@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ from .augment import Augment
 from .backbones import Backbone, square_resize
 from .stats import ClassStats
 
-__all__ = ["ViewLayout", "SFMObjective", "LGMObjective", "RealStream", "head_gradient", "tensor_hash"]
+__all__ = ["ViewLayout", "SFMObjective", "MultiBackbone", "MultiSFMObjective", "LGMObjective", "RealStream",
+           "head_gradient", "tensor_hash"]
 
 
 def tensor_hash(*tensors: Tensor | None) -> str:
@@ -185,6 +186,118 @@ class SFMObjective:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         running = state.get("running")
         self.running = None if running is None else running.to(self.means.device)
+
+
+# -------------------------------------------------------------------------------------- several backbones
+class MultiBackbone:
+    """Several frozen backbones seen by the loop as one: features are concatenated, z = [φ₁(x) | … | φ_K(x)].
+
+    The loop calls ``backbone(backbone.preprocess(views, crop))``; here ``preprocess`` only moves the
+    augmented views (in [0, 1]) to the device, and the call gives each backbone its own preprocessing,
+    φ_k(normalise_k(resize(x, r_k))) at its own input size r_k (``crops``, default: the loop's crop), then
+    concatenates. Every backbone sees the SAME augmented views. :class:`MultiSFMObjective` splits z again
+    by ``dims``. The distillation loop (one pass, two-pass, memory plan) needs no other change."""
+
+    def __init__(self, backbones: Sequence[Backbone], crops: Sequence[int | None] | None = None):
+        self.backbones = list(backbones)
+        if len(self.backbones) < 2:
+            raise ValueError(f"a MultiBackbone needs at least 2 backbones, got {len(self.backbones)}")
+        devices = {str(b.device) for b in self.backbones}
+        if len(devices) > 1:
+            raise ValueError(f"all backbones must be on one device, got {', '.join(sorted(devices))}")
+        self.crops = list(crops) if crops is not None else [None] * len(self.backbones)
+        if len(self.crops) != len(self.backbones):
+            raise ValueError(f"{len(self.crops)} crop sizes for {len(self.backbones)} backbones")
+        self.names = [b.name for b in self.backbones]
+        self.name = "+".join(self.names)
+        self.device = self.backbones[0].device
+        self.dims = [b.feature_dim for b in self.backbones]
+        self.feature_dim = sum(self.dims)
+
+    def __repr__(self) -> str:
+        return f"MultiBackbone({self.names}, feature_dims={self.dims}, device={self.device})"
+
+    def preprocess(self, images: Tensor, resolution: int) -> Tensor:
+        """The [0, 1] views on the device (each backbone normalises and resizes them itself in the call)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [N,3,H,W], got {tuple(images.shape)}")
+        return images.to(self.device, non_blocking=True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """[0, 1] views [N, 3, r, r] → [N, Σ_k D_k]: φ_k(preprocess_k(x, r_k)) side by side."""
+        size = x.shape[-1]
+        return torch.cat([b(b.preprocess(x, r or size)) for b, r in zip(self.backbones, self.crops)], dim=1)
+
+    def features(self, images: Tensor, resolution: int) -> Tensor:
+        return self(self.preprocess(images, resolution))
+
+
+class MultiSFMObjective:
+    """SFM over K backbones on the same views: L = Σ_k w_k L_k / Σ_k w_k, with L_k the loss of an
+    :class:`SFMObjective` of backbone k (its own statistics, its own running average) on its block of the
+    concatenated features z = [z₁ | … | z_K] of :class:`MultiBackbone` (``dims`` = D_1 … D_K). Hence
+    ∂L/∂θ = Σ_k w̄_k ∂L_k/∂θ with w̄ = w / Σ w. ``weights`` default to equal; ``names`` and ``crops``
+    (each backbone's input size) enter the identity only."""
+
+    method = "sfm"
+
+    def __init__(self, objectives: Sequence[SFMObjective], dims: Sequence[int], weights: Sequence[float] | None = None,
+                 names: Sequence[str] | None = None, crops: Sequence[int] | None = None):
+        self.parts = list(objectives)
+        self.crops = None if crops is None else [int(c) for c in crops]
+        self.dims = [int(d) for d in dims]
+        if len(self.parts) != len(self.dims):
+            raise ValueError(f"{len(self.parts)} objectives for {len(self.dims)} feature blocks")
+        w = [1.0] * len(self.parts) if weights is None else [float(v) for v in weights]
+        if len(w) != len(self.parts):
+            raise ValueError(f"{len(w)} backbone weights for {len(self.parts)} backbones; give one weight each")
+        if any(not v >= 0 for v in w) or not sum(w) > 0:
+            raise ValueError(f"backbone weights must be ≥ 0 with a positive sum, got {w}")
+        self.weights = [v / sum(w) for v in w]
+        self.names = list(names) if names is not None else [f"backbone{k}" for k in range(len(self.parts))]
+        classes = {o.num_classes for o in self.parts}
+        if len(classes) != 1:
+            raise ValueError(f"the statistics disagree on the number of classes: {sorted(classes)}")
+        self.num_classes = self.C = classes.pop()
+        self._layout: ViewLayout | None = None
+
+    @property
+    def layout(self) -> ViewLayout | None:
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: ViewLayout | None) -> None:
+        self._layout = value
+        for o in self.parts:
+            o.layout = value
+
+    def identity(self) -> dict[str, Any]:
+        return {"backbones": self.names, "weights": self.weights, "dims": self.dims, "crops": self.crops,
+                "per_backbone": [o.identity() for o in self.parts]}
+
+    def begin_step(self, backbone=None) -> None:
+        """Nothing to draw: the targets are fixed."""
+
+    def split(self, z: Tensor) -> list[Tensor]:
+        """z [M, Σ D_k] → [z₁ [M, D_1], …]."""
+        if z.dim() != 2 or z.shape[1] != sum(self.dims):
+            raise ValueError(f"expected features [M, {sum(self.dims)}] (dims {self.dims}), got {tuple(z.shape)}")
+        return list(torch.split(z, self.dims, dim=1))
+
+    def losses(self, z: Tensor, labels: Tensor, slots: Tensor) -> list[Tensor]:
+        """The per-backbone losses L_k (each advances its own running average)."""
+        return [o(zk, labels, slots) for o, zk in zip(self.parts, self.split(z))]
+
+    def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
+        return sum(w * lk for w, lk in zip(self.weights, self.losses(z, labels, slots)))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every backbone's running average, keys ``"{k}.running"``."""
+        return {f"{k}.{key}": v for k, o in enumerate(self.parts) for key, v in o.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, o in enumerate(self.parts):
+            o.load_state_dict({key[len(f"{k}."):]: v for key, v in state.items() if key.startswith(f"{k}.")})
 
 
 # ----------------------------------------------------------------------------------------------------- LGM

@@ -56,13 +56,17 @@ def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeyp
     assert main(["distill", "--stats", str(stats_path), "--resolution", "32", "--steps", "2", "--ema", "1.5",
                  "--out", str(tmp_path / "bad.safetensors"), "--device", "cpu"]) == 2
     assert "ema must lie in [0, 1)" in capsys.readouterr().err
+    recipe = DistilledSet.load(ema_out).meta["recipe"]  # the whole recipe, overrides named
+    assert recipe["name"] == "fmnist-lite0-64 + steps=2, ema=0.5" and recipe["ema"] == 0.5
+    assert recipe["init"] == "real" and recipe["crop_scale"] == 0.3 and recipe["lr"] == 0.05
 
     res = tmp_path / "r.json"
     assert main(["eval", "--distilled", str(out_path), "--backbone", "effnet_lite0", "--resolution", "32",
                  "--seeds", "2", "--epochs", "3", "--views", "2", "--json", str(res), "--device", "cpu"]) == 0
     got = json.loads(res.read_text())
     assert {"top1_mean", "top1_std", "seeds"} <= got.keys() and got["seeds"] == [0, 1]
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "recipe fmnist-lite0-64 + steps=3: steps 3, augs 1, ema 0.7" in printed
     for kind in ["random", "centroids", "neighbors", "full"]:
         res = tmp_path / f"{kind}.json"
         args = ["baselines", "--kind", kind, "--resolution", "32", "--seeds", "2", "--epochs", "2",
@@ -95,3 +99,93 @@ def test_bench_prints_a_ratio_and_a_step_cost(tmp_path, capsys):
     assert main(["bench", "step", "--resolution", "32", "--classes", "3", "--steps", "1", "--device", "cpu",
                  "--two-pass", "--chunk-size", "2", "--json", str(res)]) == 0
     assert json.loads(res.read_text())["median_s"] > 0
+
+
+# ------------------------------------------------------------------------------ recipes, several backbones
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    """distill.sfm / distill.lgm replaced by a spy that records its arguments and stops the command;
+    two statistics files (lite0, lite1) and no training set needed (``--init noise`` where real data
+    would be read)."""
+    from sfm_lib import data, distill
+
+    calls = []
+
+    def spy(method):
+        def f(*args, **kw):
+            calls.append((method, args, kw))
+            raise _Captured
+        return f
+
+    monkeypatch.setattr(distill, "sfm", spy("sfm"))
+    monkeypatch.setattr(distill, "lgm", spy("lgm"))
+    monkeypatch.setattr(data, "load", lambda *a, **k: "TRAIN")
+    for name in ("effnet_lite0", "effnet_lite1"):
+        ClassStats(torch.zeros(10, 1280, dtype=torch.float64), torch.ones(10, dtype=torch.long),
+                   list("abcdefghij"), {"backbone": name, "dataset": "fashion_mnist"}).save(tmp_path / f"{name}.st")
+    return calls
+
+
+def _distill(tmp_path, *args):
+    argv = ["distill", "--out", str(tmp_path / "o.safetensors"), "--device", "cpu", *args]
+    with pytest.raises(_Captured):
+        main(argv)
+
+
+def test_distill_defaults_are_the_book_recipe(captured, tmp_path, capsys):
+    from sfm_lib import recipes
+
+    _distill(tmp_path, "--stats", str(tmp_path / "effnet_lite0.st"))
+    (_, args, kw), = captured
+    book = recipes.RECIPES[recipes.DEFAULT]
+    assert recipes.DEFAULT == "fmnist-lite0-64"
+    assert {k: kw[k] for k in ("steps", "augs", "ema", "init", "param", "lr", "schedule")} == \
+        {"steps": 1000, "augs": 1, "ema": 0.7, "init": "real", "param": "pixels", "lr": 0.05, "schedule": "constant"}
+    assert kw["augment"] == book.augment() and kw["augment"].scale == (0.3, 1.0) and kw["augment"].noise_p == 0
+    assert kw["init_dataset"] == "TRAIN"
+    assert f"recipe: {book.describe()}" in capsys.readouterr().out
+
+
+def test_distill_preset_paper_and_explicit_flags_override_it(captured, tmp_path, capsys):
+    st = str(tmp_path / "effnet_lite0.st")
+    _distill(tmp_path, "--stats", st, "--preset", "paper")
+    kw = captured[-1][2]
+    assert (kw["steps"], kw["param"], kw["grow_every"], kw["lr"], kw["init"], kw["ema"]) == \
+        (5000, "pyramid", 200, 2e-3, "noise", 0.0)
+    assert kw["augment"].scale == (0.08, 1.0) and kw["augment"].noise_p == 0.5 and kw["init_dataset"] is None
+    assert "recipe: paper (measured on ImageNet" in capsys.readouterr().out
+    _distill(tmp_path, "--stats", st, "--preset", "paper", "--steps", "7", "--noise-p", "0", "--lr", "0.01")
+    kw = captured[-1][2]
+    assert (kw["steps"], kw["lr"], kw["augment"].noise_p, kw["param"]) == (7, 0.01, 0.0, "pyramid")
+    assert "recipe: paper + steps=7, noise_p=0.0, lr=0.01" in capsys.readouterr().out
+    _distill(tmp_path, "--method", "lgm")  # LGM keeps its own 10 views per step
+    assert captured[-1][0] == "lgm" and captured[-1][2]["augs"] == 10 and "ema" not in captured[-1][2]
+    with pytest.raises(SystemExit) as info:
+        main(["distill", "--stats", st, "--preset", "nope", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2 and "choose from 'fmnist-lite0-64', 'paper'" in capsys.readouterr().err
+
+
+def test_distill_with_two_backbones_pairs_them_with_the_statistics_in_order(captured, tmp_path, capsys):
+    s0, s1 = str(tmp_path / "effnet_lite0.st"), str(tmp_path / "effnet_lite1.st")
+    _distill(tmp_path, "--backbone", "effnet_lite0,effnet_lite1", "--stats", f"{s0},{s1}")
+    _, (bbs, sts), kw = captured[-1]
+    assert [b.name for b in bbs] == ["effnet_lite0", "effnet_lite1"]
+    assert [s.meta["backbone"] for s in sts] == ["effnet_lite0", "effnet_lite1"] and kw["backbone_weights"] is None
+    _distill(tmp_path, "--backbone", "effnet_lite0,effnet_lite1", "--stats", f"{s0},{s1}",
+             "--backbone-weights", "1,3")
+    assert captured[-1][2]["backbone_weights"] == [1.0, 3.0]
+    _distill(tmp_path, "--stats", s0)  # one backbone: exactly as before (no list, no weights)
+    _, (bb, st), kw = captured[-1]
+    assert bb.name == "effnet_lite0" and isinstance(st, ClassStats) and "backbone_weights" not in kw
+    capsys.readouterr()
+    for extra, message in [(["--stats", s0], "names 2 backbone(s) but --stats 1 file(s)"),
+                           (["--stats", f"{s0},{s1}", "--backbone-weights", "1"], "1 weight(s) for 2 backbone(s)"),
+                           (["--stats", f"{s0},{s1}", "--backbone-weights", "1,x"], "numbers separated by commas")]:
+        assert main(["distill", "--backbone", "effnet_lite0,effnet_lite1", *extra, "--out",
+                     str(tmp_path / "o"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

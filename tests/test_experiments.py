@@ -44,3 +44,31 @@ def test_sweep_returns_a_tidy_table(ctx):
     assert {"top1_mean", "top1_std", "final_loss", "distill_seed"} <= set(df.columns)
     assert not [c for c in df.columns if "time" in c], "cached rows would show another run's time"
     assert df["top1_mean"].between(0, 100).all()
+
+
+def test_distilled_with_several_backbones_is_cached_by_every_backbone_and_statistics(ctx, monkeypatch):
+    ctx1 = experiments.prepare("fashion_mnist", "effnet_lite1", 32, images_per_class=6, device="cpu")
+    pair = experiments.distilled([ctx, ctx1], steps=1, seed=5)
+    assert pair.meta["backbones"] == ["effnet_lite0", "effnet_lite1"]
+    assert pair.meta["backbone_weights"] == [0.5, 0.5]
+    calls = []
+    monkeypatch.setattr(distill, "sfm", lambda *a, **k: calls.append(a) or pair)
+    again = experiments.distilled([ctx, ctx1], steps=1, seed=5)
+    assert not calls and torch.equal(again.images, pair.images)
+    experiments.distilled(ctx, steps=1, seed=5)  # lite0 alone: another key
+    experiments.distilled([ctx, ctx1], steps=1, seed=5, backbone_weights=[2, 1])  # other weights
+    other = experiments.Context(ctx1.train, ctx1.test, ctx1.backbone,
+                                distill.ClassStats(ctx1.stats.means + 1, ctx1.stats.counts, ctx1.stats.classes,
+                                                   ctx1.stats.meta), ctx1.resolution)
+    experiments.distilled([ctx, other], steps=1, seed=5)  # other statistics of the second backbone
+    assert len(calls) == 3
+    assert [type(a[0]).__name__ for a in calls] == ["Backbone", "list", "list"]
+    with pytest.raises(ValueError, match="method='sfm' only"):
+        experiments.distilled([ctx, ctx1], method="lgm", steps=1)
+
+
+def test_step_seconds_of_one_and_two_backbones(ctx):
+    ctx1 = experiments.prepare("fashion_mnist", "effnet_lite1", 32, images_per_class=6, device="cpu")
+    one = experiments.step_seconds(ctx, steps=2, repeats=1, init="real")
+    two = experiments.step_seconds([ctx, ctx1], steps=2, repeats=1, init="real")
+    assert 0 < one and 0 < two
