@@ -81,6 +81,18 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
     return Context(train, test, phi, st, resolution)
 
 
+def _shorthands(kwargs: dict[str, Any], train: Dataset, crop_scale: float | None, noise_p: float | None) -> None:
+    """In place: ``crop_scale`` and ``noise_p`` become the ``augment`` argument; ``init="real"`` draws from
+    ``train``."""
+    if crop_scale is not None or noise_p is not None:
+        base = kwargs.get("augment") or Augment()
+        kwargs["augment"] = dataclasses.replace(base, scale=(base.scale[0] if crop_scale is None else crop_scale,
+                                                             base.scale[1]),
+                                                noise_p=base.noise_p if noise_p is None else noise_p)
+    if kwargs.get("init") == "real":
+        kwargs.setdefault("init_dataset", train)
+
+
 _SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
 
 
@@ -110,13 +122,7 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     ctx = contexts[0]
     kwargs.setdefault("resolution", ctx.resolution)
     kwargs.setdefault("progress", False)
-    if crop_scale is not None or noise_p is not None:
-        base = kwargs.get("augment") or Augment()
-        kwargs["augment"] = dataclasses.replace(base, scale=(base.scale[0] if crop_scale is None else crop_scale,
-                                                             base.scale[1]),
-                                                noise_p=base.noise_p if noise_p is None else noise_p)
-    if kwargs.get("init") == "real":
-        kwargs.setdefault("init_dataset", ctx.train)
+    _shorthands(kwargs, ctx.train, crop_scale, noise_p)
     multi = len(contexts) > 1
     source = ([c.stats for c in contexts] if multi else ctx.stats) if method == "sfm" else ctx.train
     phi = [c.backbone for c in contexts] if multi else ctx.backbone
@@ -150,13 +156,7 @@ def step_seconds(ctx: Context | Sequence[Context], *, steps: int = 6, repeats: i
     contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
     kwargs.setdefault("resolution", contexts[0].resolution)
     kwargs.update(steps=steps, progress=False, checkpoint=None)
-    if crop_scale is not None or noise_p is not None:
-        base = kwargs.get("augment") or Augment()
-        kwargs["augment"] = dataclasses.replace(base, scale=(base.scale[0] if crop_scale is None else crop_scale,
-                                                             base.scale[1]),
-                                                noise_p=base.noise_p if noise_p is None else noise_p)
-    if kwargs.get("init") == "real":
-        kwargs.setdefault("init_dataset", contexts[0].train)
+    _shorthands(kwargs, contexts[0].train, crop_scale, noise_p)
     if kwargs.get("init") == "centroids":
         kwargs["init"] = "real"  # the start does not change the cost
     phi = [c.backbone for c in contexts] if len(contexts) > 1 else contexts[0].backbone
