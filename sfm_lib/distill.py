@@ -538,6 +538,16 @@ def run(backbone: Backbone, objective, config: DistillConfig, classes: Sequence[
     return Distiller(backbone, objective, config, classes, init_dataset).run(callback, desc)
 
 
+def _config(arguments: dict[str, Any]) -> DistillConfig:
+    """The checked :class:`DistillConfig` of an entry point's arguments (those named like its fields;
+    ``augment=None`` means the default :class:`Augment`)."""
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    config = DistillConfig(**{k: v for k, v in arguments.items() if k in names})
+    config.augment = config.augment or Augment()
+    config.check()
+    return config
+
+
 def sfm(backbone: Backbone | Sequence[Backbone], stats: ClassStats | Sequence[ClassStats], ipc: int = 1,
         steps: int = 1000, resolution: int = 64, *,
         crop: int | None = None, augs: int = 1, lr: float | None = None, schedule: str = "constant",
@@ -584,12 +594,7 @@ def sfm(backbone: Backbone | Sequence[Backbone], stats: ClassStats | Sequence[Cl
     elif backbone_weights is not None or backbone_crops is not None:
         raise ValueError("backbone_weights and backbone_crops need lists of backbones and statistics")
     stats.check_compatible(backbone)
-    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
-                           schedule=schedule, param=param, grow_every=grow_every, init=init,
-                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
-                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                           progress=progress, compile=compile)
-    config.check()
+    config = _config(locals())
     if stats.meta.get("resolution") not in (None, config.crop_size):
         warnings.warn(f"statistics were extracted at {stats.meta['resolution']} px but the backbone sees "
                       f"{config.crop_size} px views: features depend on the input size", stacklevel=2)
@@ -614,12 +619,7 @@ def _sfm_multi(backbones: list[Backbone], stats: list[ClassStats], weights: Sequ
             raise ValueError(f"statistics {k + 1} (paired with backbone {k + 1}, {bb.name}): {err}") from None
     if len({tuple(st.classes) for st in stats}) != 1:
         raise ValueError("the statistics files hold different classes: they must come from one dataset")
-    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
-                           schedule=schedule, param=param, grow_every=grow_every, init=init,
-                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
-                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                           progress=progress, compile=compile)
-    config.check()
+    config = _config(locals())
     crops = [None] * len(backbones) if crops is None else [None if c is None else int(c) for c in crops]
     if len(crops) != len(backbones):
         raise ValueError(f"{len(crops)} backbone crop sizes for {len(backbones)} backbones")
@@ -653,12 +653,7 @@ def lgm(backbone: Backbone, dataset, ipc: int = 1, steps: int = 1000, resolution
     and synthetic views share ``augment``. ``init="real"`` draws from ``init_dataset`` (default ``dataset``).
     The other arguments are those of :class:`DistillConfig`.
     """
-    config = DistillConfig(ipc=ipc, steps=steps, resolution=resolution, crop=crop, augs=augs, lr=lr,
-                           schedule=schedule, param=param, grow_every=grow_every, init=init,
-                           augment=augment or Augment(), seed=seed, two_pass=two_pass, chunk_size=chunk_size,
-                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                           progress=progress, compile=compile)
-    config.check()
+    config = _config(locals())
     objective = LGMObjective(dataset, backbone, ipc=ipc, augs=augs, resolution=resolution, crop=crop,
                              augment=config.augment, head_std=head_std, balanced=balanced, seed=seed)
     result = run(backbone, objective, config, dataset.classes, callback=callback,
