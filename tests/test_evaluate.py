@@ -28,6 +28,7 @@ from sfm_lib.evaluate import (
     view_features,
 )
 from sfm_lib.stats import ClassStats
+from toydata import toy_dataset
 
 C, PER_CLASS, SIDE, RES = 4, 5, 16, 32
 TINY = dict(epochs=20, views=3)
@@ -59,16 +60,7 @@ def backbone():
 
 
 def _dataset(split: str, per_class: int = PER_CLASS, seed: int = 0) -> TensorImageDataset:
-    """Grey noise images whose brightness and stripe pattern depend on the class (learnable, all distinct)."""
-    g = _gen(seed)
-    labels = torch.arange(C).repeat_interleave(per_class)
-    noise = torch.rand(len(labels), SIDE, SIDE, generator=g)
-    stripes = (torch.arange(SIDE)[None, None, :] % (labels[:, None, None] + 2) == 0).float()
-    base = 0.15 + 0.2 * labels[:, None, None].float()
-    images = ((0.5 * base + 0.3 * stripes + 0.2 * noise).clamp(0, 1) * 255).to(torch.uint8)
-    ds = TensorImageDataset(images, labels, [f"c{i}" for i in range(C)], f"toy{seed}")
-    ds.split = split
-    return ds
+    return toy_dataset(split, per_class, seed, classes=C, side=SIDE)
 
 
 @pytest.fixture()

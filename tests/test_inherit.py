@@ -9,7 +9,6 @@ import torch
 
 from sfm_lib import evaluate
 from sfm_lib.backbones import Backbone
-from sfm_lib.data import TensorImageDataset
 from sfm_lib.distill import DistilledSet
 from sfm_lib.inherit import (
     InheritedClassifier,
@@ -23,6 +22,7 @@ from sfm_lib.inherit import (
     storage_report,
     summary,
 )
+from toydata import toy_dataset
 
 C, SIDE, RES = 4, 16, 32
 
@@ -61,15 +61,7 @@ def mixed():
 
 
 def _dataset(split, per_class, seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(C).repeat_interleave(per_class)
-    noise = torch.rand(len(labels), SIDE, SIDE, generator=g)
-    stripes = (torch.arange(SIDE)[None, None, :] % (labels[:, None, None] + 2) == 0).float()
-    base = 0.15 + 0.2 * labels[:, None, None].float()
-    images = ((0.5 * base + 0.3 * stripes + 0.2 * noise).clamp(0, 1) * 255).to(torch.uint8)
-    ds = TensorImageDataset(images, labels, [f"c{i}" for i in range(C)], f"toy{seed}")
-    ds.split = split
-    return ds
+    return toy_dataset(split, per_class, seed, classes=C, side=SIDE)
 
 
 @pytest.fixture()
