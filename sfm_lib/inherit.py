@@ -272,9 +272,11 @@ def storage_report(classifier: InheritedClassifier, images: DistilledSet | Tenso
 
 # ------------------------------------------------------------------------------------------ other side
 def per_class_split(dataset: Dataset, images_per_class: int) -> Dataset:
-    """The first ``images_per_class`` images of every class as a dataset of its own, named
-    ``<name>-<N>pc`` with the same split, so its features and statistics are cached on disk like a whole
-    split (a ``Subset`` never is). Datasets not held in memory give :func:`sfm_lib.data.subset_per_class`."""
+    """The first ``images_per_class`` images of every class as a dataset of its own, with the same name
+    and split, so its features and statistics are cached on disk like a whole split (a ``Subset`` never
+    is; the cache keys tell the two apart by size and content) and what is distilled from it still belongs
+    to the dataset's test split (:func:`sfm_lib.evaluate.check_same_data`). Datasets not held in memory
+    give :func:`sfm_lib.data.subset_per_class`."""
     from . import data as data_mod
 
     sub = data_mod.subset_per_class(dataset, images_per_class)
@@ -282,7 +284,7 @@ def per_class_split(dataset: Dataset, images_per_class: int) -> Dataset:
         return sub
     idx = torch.as_tensor(sub.indices, dtype=torch.long)
     out = data_mod.TensorImageDataset(dataset.images[idx], dataset.targets[idx], dataset.classes,
-                                      f"{dataset.name}-{images_per_class}pc")
+                                      dataset.name)
     out.split = getattr(dataset, "split", "train")
     return out
 

@@ -327,3 +327,30 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
     assert "--distill-backbone effnet_lite0" in capsys.readouterr().err
     assert main(common + ["--distill-backbone", "effnet_lite0", "--dataset", "cifar100"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_per_class_split_is_cached_apart_and_its_distillation_evaluates_on_the_test_split(tiny, splits):
+    """The second backbone's statistics come from N images per class of the same training split: they are
+    cached apart from the whole split's, and what is distilled from them is scored on the dataset's test
+    split (a renamed subset was refused by the data check, which chapter 5 hit at full size)."""
+    from sfm_lib import distill, features, stats
+    from sfm_lib.inherit import per_class_split
+
+    train, test = splits
+    test.name = train.name  # the two splits of one dataset, as data.load gives them
+    sub = per_class_split(train, 3)
+    assert sub.name == train.name and sub.split == "train" and len(sub) == 3 * C
+    assert torch.equal(sub.targets.bincount(), torch.full((C,), 3))
+    assert features.cache_path(tiny, sub, RES) != features.cache_path(tiny, train, RES)
+    st = stats.cached_extract(tiny, sub, RES, progress=False)
+    assert st.counts.tolist() == [3] * C
+    dset = distill.sfm(tiny, st, ipc=1, steps=2, resolution=RES, progress=False)
+    assert dset.meta["dataset"] == train.name
+    evaluate.check_same_data(dset, test)  # no error: the subset belongs to the same dataset
+    renamed = _with_meta(dset, dataset="other")
+    with pytest.raises(ValueError, match="distilled from 'other'"):
+        evaluate.check_same_data(renamed, test)
+
+
+def _with_meta(dset: DistilledSet, **meta) -> DistilledSet:
+    return DistilledSet(dset.images, dset.labels, dset.classes, {**dset.meta, **meta})
