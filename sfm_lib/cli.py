@@ -80,6 +80,14 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
 
 
+def _floats(value: str, flag: str) -> list[float]:
+    """Comma-separated numbers of ``flag``, or a CliError that shows what was given."""
+    try:
+        return [float(v) for v in _split(value)]
+    except ValueError:
+        raise CliError(f"{flag} takes numbers separated by commas, got {value!r}") from None
+
+
 def _recipe(a: argparse.Namespace):
     """The preset (default: the book's recipe) with every recipe flag that was given replacing its value."""
     from . import recipes
@@ -105,10 +113,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
                        f"one statistics file per backbone, paired in order (--backbone A,B --stats a.st,b.st)")
     weights = None
     if a.backbone_weights is not None:
-        try:
-            weights = [float(w) for w in _split(a.backbone_weights)]
-        except ValueError:
-            raise CliError(f"--backbone-weights takes numbers separated by commas, got {a.backbone_weights!r}")
+        weights = _floats(a.backbone_weights, "--backbone-weights")
         if len(weights) != len(names):
             raise CliError(f"--backbone-weights gives {len(weights)} weight(s) for {len(names)} backbone(s)")
     r = _recipe(a)
@@ -261,8 +266,13 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     phi_e = phi_d if same else backbones.load(a.eval_backbone, a.device)
     full_kw = dict(seeds=(0,), epochs=a.full_epochs)
     golden = inherit.golden_classifier(phi_d, train, test, a.resolution, **full_kw)
-    alpha = inherit.DEFAULT_ALPHA if a.alpha is None else a.alpha
-    clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alpha)
+    alphas = _floats(a.alpha, "--alpha") if a.alpha else inherit.ALPHA_GRID
+    validation = None
+    if len(alphas) > 1:
+        val = inherit.validation_split(data.load(a.dataset, "train", root=a.data_root), a.val_per_class)
+        validation = features.compute(phi_e, val, a.resolution, progress=False)
+    clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alphas,
+                          validation=validation)
     clf.meta.update(distilled=a.distilled, dataset=a.dataset, golden_top1=golden.top1[0])
     z_e, y = features.compute(phi_e, test, a.resolution, progress=False)
     normal = evaluate.linear_probe(phi_e, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
@@ -302,8 +312,11 @@ def _inherit_parser(sub) -> None:
     p.add_argument("--images-per-class", type=int, default=0,
                    help="train the golden classifier and full-data probe on the first N images per class (0: all)")
     p.add_argument("--views", type=int, default=100, help="augmented views per distilled image to fit the projector")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="relative ridge strength of the projector (default sfm_lib.inherit.DEFAULT_ALPHA)")
+    p.add_argument("--alpha", default=None,
+                   help="relative ridge strength of the projector, or several (comma-separated) to choose from "
+                        "on --val-per-class labelled training images (default: sfm_lib.inherit.ALPHA_GRID)")
+    p.add_argument("--val-per-class", type=int, default=100,
+                   help="last N training images per class that choose --alpha (never the test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the projector's views")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds of the normal probe")
     p.add_argument("--epochs", type=int, default=1000, help="epochs of the normal probe")

@@ -10,6 +10,9 @@ distillation backbone φ_d from another backbone φ_e, through a linear projecto
        min_{A,c} Σ_m ‖A φ_e(v_m) + c − φ_d(v_m)‖² + λ‖A‖²_F,   λ = α · tr(Z̃ᵀZ̃) / D_e,
 
    with Z̃ the centred φ_e features (the bias is not penalised): Aᵀ = (Z̃ᵀZ̃ + λI)⁻¹ Z̃ᵀỸ, c = ȳ − A z̄.
+   α is chosen from :data:`ALPHA_GRID` by the top-1 of W · P(φ_e(x)) + b on labelled real validation
+   images (:func:`validation_split`: the last images of each class of the training split, never the test
+   split): one backbone wants a small α (P → identity), two backbones a large one.
 3. **Inference**: ŷ = argmax_c (W · P(φ_e(x)) + b)_c (:class:`InheritedClassifier`); φ_d is only needed to
    fit P.
 
@@ -38,14 +41,14 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
-           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "prepare_side", "comparison", "summary",
-           "FIT_SETS", "DEFAULT_ALPHA"]
+           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "validation_split", "prepare_side",
+           "comparison", "summary", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID"]
 
 DEFAULT_ALPHA = 0.1
-"""Default ridge strength α (λ = α · tr(Z̃ᵀZ̃) / D_e, see the module doc). Chosen on Fashion-MNIST at 64 px, P
-fitted on 100 views of one random real image per class (a sweep α ∈ {1e-3 … 1} scored on the test split):
-smaller α suits one backbone (P → identity), larger α the transfer between backbones (Lite2 → Lite0); 0.1
-keeps the first at ≥ 95% of the full-data probe and the second within about 1.5 points of its best."""
+"""Ridge strength α (λ = α · tr(Z̃ᵀZ̃) / D_e, see the module doc) when no validation images are given: a
+compromise between one backbone (best α ≤ 0.03 on Fashion-MNIST at 64 px) and two (best α 0.3–1)."""
+ALPHA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+"""Ridge strengths tried when P is chosen on validation images (:func:`inherit` with ``validation``)."""
 FIT_SETS = ("distilled", "random", "centroids")
 """Images the projector can be fitted on: the distilled set, random real images, centroid images."""
 
@@ -215,12 +218,22 @@ def _images(source: DistilledSet | Dataset | Tensor) -> Tensor:
 
 def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbone: Backbone,
             eval_backbone: Backbone, images: DistilledSet | Dataset | Tensor, resolution: int, *,
-            views: int = 100, seed: int = 0, alpha: float = DEFAULT_ALPHA,
-            classes: Sequence[str] | None = None, cache: dict | None = None,
-            cache_key: Any = None) -> InheritedClassifier:
+            views: int = 100, seed: int = 0, alpha: float | Sequence[float] = DEFAULT_ALPHA,
+            validation: tuple[Tensor, Tensor] | None = None, classes: Sequence[str] | None = None,
+            cache: dict | None = None, cache_key: Any = None) -> InheritedClassifier:
     """Fit P on ``views`` views of ``images`` (no labels used; normally the distilled set) and compose it
     with the golden (W, b) of φ_d = ``distill_backbone``. Stored in float32. ``cache``/``cache_key``: see
-    :func:`paired_view_features`."""
+    :func:`paired_view_features`.
+
+    ``alpha``: the ridge strength, or several to choose from by top-1 on ``validation`` = (φ_e features
+    [N, D_e], labels [N]) of labelled real images (e.g. of :func:`validation_split`); the first best wins,
+    and ``meta`` records the choice (``alpha``) and every score (``validation_top1``)."""
+    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(float(a) for a in alpha)
+    if not alphas:
+        raise ValueError("alpha: give a ridge strength or a non-empty sequence of them")
+    if len(alphas) > 1 and validation is None:
+        raise ValueError(f"{len(alphas)} ridge strengths to choose from but no validation images; pass "
+                         f"validation=(φ_e features, labels), e.g. of validation_split(train), or one alpha")
     W, b = _golden_weights(golden)
     if W.shape[1] != distill_backbone.feature_dim:
         raise ValueError(f"the golden classifier has {W.shape[1]} inputs but {distill_backbone.name} gives "
@@ -229,13 +242,22 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
     x = _images(images)
     z_e, z_d = paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
                                     cache_key=cache_key)
-    A, c, lam = fit_projector(z_e, z_d, alpha)
     if classes is None:
         classes = getattr(images, "classes", None) or [str(i) for i in range(W.shape[0])]
-    meta = {"distill_backbone": distill_backbone.name, "eval_backbone": eval_backbone.name,
-            "resolution": resolution, "views": views, "seed": seed, "alpha": alpha, "lambda": lam,
-            "n_images": int(x.shape[0]), "n_views": int(z_e.shape[0])}
-    return InheritedClassifier(W.float().cpu(), b.float().cpu(), A.float(), c.float(), list(classes), meta)
+    best, scores = None, {}
+    for a in alphas:
+        A, c, lam = fit_projector(z_e, z_d, a)
+        meta = {"distill_backbone": distill_backbone.name, "eval_backbone": eval_backbone.name,
+                "resolution": resolution, "views": views, "seed": seed, "alpha": a, "lambda": lam,
+                "n_images": int(x.shape[0]), "n_views": int(z_e.shape[0])}
+        clf = InheritedClassifier(W.float().cpu(), b.float().cpu(), A.float(), c.float(), list(classes), meta)
+        if validation is None:
+            return clf
+        scores[a] = clf.accuracy(*validation)
+        if best is None or scores[a] > scores[best.meta["alpha"]]:
+            best = clf
+    best.meta.update(validation_top1=scores, n_validation=int(validation[1].numel()))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -289,6 +311,22 @@ def per_class_split(dataset: Dataset, images_per_class: int) -> Dataset:
     return out
 
 
+def validation_split(dataset: Dataset, images_per_class: int) -> Dataset:
+    """The last ``images_per_class`` images of every class of a training split: labelled real images to
+    choose the projector's ridge strength on, disjoint from :func:`per_class_split`'s first images whenever
+    a class has enough (the golden classifier, trained on the whole split, has seen them; the test split
+    stays unseen)."""
+    from . import data as data_mod
+
+    targets = torch.as_tensor(dataset.targets)
+    counts = torch.bincount(targets, minlength=len(dataset.classes))
+    if images_per_class < 1 or int(counts.min()) < images_per_class:
+        raise ValueError(f"a validation split of {images_per_class} images per class needs ≥ 1 and at most "
+                         f"the smallest class ({int(counts.min())} images); lower the number")
+    picks = [torch.nonzero(targets == c).flatten()[-images_per_class:] for c in range(len(dataset.classes))]
+    return data_mod.subset(dataset, torch.cat(picks).sort().values.tolist())
+
+
 def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, *,
                  progress: bool = False) -> Any:
     """A second :class:`sfm_lib.experiments.Context` beside ``ctx``: the same data and resolution with
@@ -312,10 +350,10 @@ def _projector_r2(clf: InheritedClassifier, z_e: Tensor, z_d: Tensor) -> float:
 
 
 def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], test: Dataset, resolution: int,
-               pairs: Sequence[tuple], *, ipc: int = 1, views: int = 100, alpha: float = DEFAULT_ALPHA,
-               seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
-               full_epochs: int = 10, progress: bool = False,
-               keep: dict | None = None) -> "pd.DataFrame":
+               pairs: Sequence[tuple], *, ipc: int = 1, views: int = 100,
+               alpha: float | Sequence[float] = DEFAULT_ALPHA, validation: Dataset | None = None, seed: int = 0,
+               probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
+               full_epochs: int = 10, progress: bool = False, keep: dict | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
     ``sides``: backbone name → an object with ``.backbone``, ``.train`` (and optionally ``.stats``), e.g. an
@@ -323,13 +361,15 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     ``pairs``: (φ_d name, φ_e name) or (φ_d name, φ_e name, fit sets) with fit sets from :data:`FIT_SETS`
     (default ("distilled",)); "random" draws ``ipc`` real images per class (seed ``seed``), "centroids" takes
     the real images nearest the φ_d class means (:func:`sfm_lib.evaluate.centroid_subset`), both of the same
-    count as the distilled set when ``ipc`` matches it.
+    count as the distilled set when ``ipc`` matches it. ``alpha`` and ``validation`` (labelled real images,
+    e.g. :func:`validation_split` of the training split): how P's ridge strength is set, see :func:`inherit`.
 
     Rows per pair: ``inherited`` (one per fit set; golden = the full-data probe of φ_d, seed
     ``probe_seeds[0]``), ``normal probe`` (:func:`sfm_lib.evaluate.linear_probe` with φ_e on the distilled
     images) and ``full-data probe`` (φ_e, the ceiling). Columns: ``distill_backbone``, ``eval_backbone``,
     ``method``, ``fit_on``, ``top1``, ``top1_std`` (over probe seeds; 0 for one inherited classifier),
-    ``golden_top1``, ``projector_r2`` (1 − relative squared error of P(φ_e) against φ_d on the test split),
+    ``golden_top1``, ``alpha`` (P's ridge strength), ``projector_r2`` (1 − relative squared error of P(φ_e)
+    against φ_d on the test split),
     ``identity_gap`` (‖A − I‖_F / ‖I‖_F when φ_e = φ_d), ``storage_bytes`` (what must be kept: W, b and P
     in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``. ``keep``: a dict
     that receives every inherited classifier under (φ_d name, φ_e name, fit set).
@@ -350,6 +390,9 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
 
     test_feats = {name: features_mod.compute(sides[name].backbone, test, resolution, progress=progress)
                   for name in sides}
+    val_feats = {name: (None if validation is None else
+                        features_mod.compute(sides[name].backbone, validation, resolution, progress=progress))
+                 for name in sides}
     rows = []
     for pair in pairs:
         d, e = pair[0], pair[1]
@@ -372,7 +415,7 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                 images = evaluate.centroid_subset(phi_d, sides[d].train, resolution, ipc,
                                                   stats=getattr(sides[d], "stats", None), progress=progress)
             clf = inherit(golden, phi_d, phi_e, images, resolution, views=views, seed=seed, alpha=alpha,
-                          classes=dset.classes, cache=view_cache, cache_key=(d, fit))
+                          validation=val_feats[e], classes=dset.classes, cache=view_cache, cache_key=(d, fit))
             if keep is not None:
                 keep[(d, e, fit)] = clf
             z_e, y = test_feats[e]
@@ -380,7 +423,7 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                                                                                      dtype=torch.float64))
                           / math.sqrt(clf.eval_dim)) if d == e else float("nan"))
             rows.append({**base, "method": "inherited", "fit_on": fit, "top1": clf.accuracy(z_e, y),
-                         "top1_std": 0.0, "golden_top1": golden.top1[0],
+                         "top1_std": 0.0, "golden_top1": golden.top1[0], "alpha": clf.meta["alpha"],
                          "projector_r2": _projector_r2(clf, z_e, test_feats[d][0]), "identity_gap": gap,
                          "storage_bytes": clf.storage_bytes()["total"],
                          "time_s": time.perf_counter() - t0})
@@ -395,7 +438,7 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
         rows.append({**base, "method": "full-data probe", "fit_on": None, "top1": ceiling.top1_mean,
                      "top1_std": ceiling.top1_std, "storage_bytes": dataset_bytes(sides[e].train),
                      "time_s": time.perf_counter() - t0})
-    columns = ["distill_backbone", "eval_backbone", "method", "fit_on", "top1", "top1_std", "golden_top1",
+    columns = ["distill_backbone", "eval_backbone", "method", "fit_on", "top1", "top1_std", "golden_top1", "alpha",
                "projector_r2", "identity_gap", "storage_bytes", "time_s"]
     return pd.DataFrame(rows, columns=columns)
 

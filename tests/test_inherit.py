@@ -11,6 +11,7 @@ from sfm_lib import evaluate
 from sfm_lib.backbones import Backbone
 from sfm_lib.distill import DistilledSet
 from sfm_lib.inherit import (
+    ALPHA_GRID,
     InheritedClassifier,
     comparison,
     dataset_bytes,
@@ -308,7 +309,7 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
                  {"backbone": "effnet_lite0", "method": "sfm", "ipc": 1, "dataset": "fashion_mnist"}).save(dpath)
     out, clf_path = tmp_path / "inherit.json", tmp_path / "clf.safetensors"
     common = ["inherit", "--distilled", str(dpath), "--resolution", "32", "--device", "cpu", "--views", "3",
-              "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1"]
+              "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1", "--val-per-class", "5"]
     assert main(common + ["--distill-backbone", "effnet_lite0", "--eval-backbone", "effnet_lite1",
                           "--json", str(out), "--save", str(clf_path)]) == 0
     got = json.loads(out.read_text())
@@ -316,6 +317,9 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
     for key in ("inherited", "normal_probe", "full_data"):
         assert 0 <= got[key]["top1"] <= 100, key
     assert got["inherited"]["eval_backbone"] == "effnet_lite1" and got["full_data"]["n_train"] == 300
+    scores = got["inherited"]["validation_top1"]  # α chosen on 5 training images per class
+    assert len(scores) == len(ALPHA_GRID) and got["inherited"]["n_validation"] == 50
+    assert scores[str(got["inherited"]["alpha"])] == max(scores.values())
     st = got["storage_bytes"]
     assert st["W"] == 10 * 1280 * 4 and st["P"] == (1280 * 1280 + 1280) * 4
     assert st["images_uint8"] == 10 * 3 * 32 * 32 and st["images_float32"] == 4 * st["images_uint8"]
@@ -327,6 +331,8 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
     assert "--distill-backbone effnet_lite0" in capsys.readouterr().err
     assert main(common + ["--distill-backbone", "effnet_lite0", "--dataset", "cifar100"]) == 2
     assert "error:" in capsys.readouterr().err
+    assert main(common + ["--distill-backbone", "effnet_lite0", "--alpha", "0.1,x"]) == 2
+    assert "--alpha takes numbers" in capsys.readouterr().err
 
 
 def test_per_class_split_is_cached_apart_and_its_distillation_evaluates_on_the_test_split(tiny, splits):
@@ -354,3 +360,38 @@ def test_per_class_split_is_cached_apart_and_its_distillation_evaluates_on_the_t
 
 def _with_meta(dset: DistilledSet, **meta) -> DistilledSet:
     return DistilledSet(dset.images, dset.labels, dset.classes, {**dset.meta, **meta})
+
+
+def test_alpha_is_chosen_by_validation_top1_of_each_separately_fitted_classifier(tiny, mixed, splits):
+    """Several ridge strengths: the one whose classifier, fitted alone, scores best on the validation
+    features wins (first of ties); every score is recorded; without validation images it is an error."""
+    from sfm_lib import features
+    from sfm_lib.inherit import validation_split
+
+    train, test = splits
+    golden = golden_classifier(tiny, train, test, RES, epochs=2)
+    val = validation_split(train, 4)
+    z_v, y_v = features.compute(mixed, val, RES, progress=False)
+    grid = (1e-4, 0.1, 10.0, 1e3)
+    alone = {a: inherit(golden, tiny, mixed, _distilled(train, 2), RES, views=4, alpha=a).accuracy(z_v, y_v)
+             for a in grid}
+    best = max(grid, key=lambda a: (alone[a], -grid.index(a)))
+    clf = inherit(golden, tiny, mixed, _distilled(train, 2), RES, views=4, alpha=grid, validation=(z_v, y_v))
+    assert clf.meta["alpha"] == best and clf.meta["validation_top1"] == alone
+    assert clf.meta["n_validation"] == 4 * C
+    with pytest.raises(ValueError, match="no validation images"):
+        inherit(golden, tiny, mixed, _distilled(train, 2), RES, views=4, alpha=grid)
+
+
+def test_validation_split_takes_the_last_images_of_each_class(splits):
+    from sfm_lib import data
+    from sfm_lib.inherit import validation_split
+
+    train, _ = splits
+    val = validation_split(train, 3)
+    want = torch.cat([torch.nonzero(train.targets == c).flatten()[-3:] for c in range(C)]).sort().values
+    assert val.indices == want.tolist() and torch.equal(val.targets.bincount(), torch.full((C,), 3))
+    first = data.subset_per_class(train, 9)  # what per_class_split keeps: 12 per class, so disjoint
+    assert not set(first.indices) & set(val.indices)
+    with pytest.raises(ValueError, match="smallest class"):
+        validation_split(train, 13)
