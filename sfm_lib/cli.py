@@ -17,6 +17,15 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def _probe_flags(p, epochs: int | None, epochs_help: str, mismatch_help: str) -> None:
+    """The flags of every command that trains probes and reports their top-1."""
+    p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
+    p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
+    p.add_argument("--views", type=int, default=40, help="precomputed augmented views per image")
+    p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
+    p.add_argument("--allow-class-mismatch", action="store_true", help=mismatch_help)
+
+
 def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     if dataset:
         p.add_argument("--dataset", default="fashion_mnist",
@@ -421,12 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "crop views) with a frozen backbone; print and save top-1 mean ± std.")
     _common(p)
     p.add_argument("--distilled", required=True, help="distilled set from `python -m sfm_lib distill`")
-    p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--views", type=int, default=40, help="precomputed augmented views per image")
-    p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
-    p.add_argument("--allow-class-mismatch", action="store_true", help="evaluate a set distilled from another "
-                   "dataset (other class names) on purpose, e.g. a transfer experiment")
+    _probe_flags(p, 1000, "probe epochs", "evaluate a set distilled from another dataset (other class names) on "
+                 "purpose, e.g. a transfer experiment")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("baselines", help="real-image baselines scored with the same probe",
@@ -437,12 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=["random", "centroids", "neighbors", "full"])
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--distilled", default=None, help="for --kind neighbors")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default 1000; 10 for full)")
-    p.add_argument("--views", type=int, default=40)
-    p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
-    p.add_argument("--allow-class-mismatch", action="store_true", help="--kind neighbors: accept a set "
-                   "distilled from another dataset (other class names) on purpose")
+    _probe_flags(p, None, "probe epochs (default 1000; 10 for full)", "--kind neighbors: accept a set distilled "
+                 "from another dataset (other class names) on purpose")
     p.set_defaults(func=_cmd_baselines)
 
     p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
