@@ -150,7 +150,7 @@ def test_checkpoint_of_other_backbones_or_weights_is_refused(pair, lite0, tmp_pa
     with pytest.raises(ValueError, match="other settings.*backbone"):
         distill.sfm(lite0, pair[1][0], ipc=1, steps=3, resolution=RES, progress=False, seed=3,
                     checkpoint=ckpt, resume=True)
-    with pytest.raises(ValueError, match="crops"):
+    with pytest.warns(UserWarning, match="extracted at 24 px"), pytest.raises(ValueError, match="crops"):
         _run(pair, checkpoint=ckpt, resume=True, steps=3, backbone_crops=[None, None])
 
 
