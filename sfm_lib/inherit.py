@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
            "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "validation_split", "prepare_side",
-           "comparison", "summary", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID"]
+           "comparison", "summary", "compact", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID"]
 
 DEFAULT_ALPHA = 0.1
 """Ridge strength α (λ = α · tr(Z̃ᵀZ̃) / D_e, see the module doc) when no validation images are given: a
@@ -463,3 +463,19 @@ def summary(table: "pd.DataFrame") -> "pd.DataFrame":
             row["over_normal"] = row["inherited"] - row["normal_probe"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+_SHORT = {"top1": "top-1", "top1_std": "± std", "golden_top1": "golden", "alpha": "α", "projector_r2": "R²",
+          "identity_gap": "‖A−I‖/‖I‖", "storage_bytes": "kB kept"}
+
+
+def compact(table: "pd.DataFrame") -> "pd.DataFrame":
+    """A :func:`comparison` table narrow enough for a book page: indexed by (φ_d, φ_e, classifier), where the
+    classifier names the fit set of an inherited one, short column names, kilobytes instead of bytes, and no
+    ``time_s``. The numbers are the table's own."""
+    out = table.copy()
+    out["classifier"] = [f"inherited, P on {f}" if m == "inherited" else m
+                         for m, f in zip(out["method"], out["fit_on"])]
+    out["storage_bytes"] = out["storage_bytes"] / 1000.0
+    out = out.rename(columns={"distill_backbone": "φ_d", "eval_backbone": "φ_e", **_SHORT})
+    return out.set_index(["φ_d", "φ_e", "classifier"])[list(_SHORT.values())]

@@ -14,6 +14,7 @@ from sfm_lib.inherit import (
     ALPHA_GRID,
     InheritedClassifier,
     comparison,
+    compact,
     dataset_bytes,
     fit_projector,
     golden_classifier,
@@ -271,6 +272,11 @@ def test_comparison_rows(tiny, mixed, splits):
     assert df.iloc[5]["storage_bytes"] == (C * 32 + C + 32 * 24 + 32) * 4  # P: 24 φ_e dims → 32 φ_d dims
     assert df.iloc[3]["storage_bytes"] == png_bytes(dset.images)
     assert df.iloc[4]["storage_bytes"] == dataset_bytes(train)
+    small = compact(df)  # the book's view: same numbers, short names, kB
+    assert small.index.names == ["φ_d", "φ_e", "classifier"] and len(small) == len(df)
+    assert small.index[1] == ("tiny", "tiny", "inherited, P on random") and small.index[3][2] == "normal probe"
+    assert list(small["top-1"]) == list(df["top1"]) and small["α"].iloc[0] == df["alpha"].iloc[0]
+    assert small["kB kept"].iloc[3] == png_bytes(dset.images) / 1000
     with pytest.raises(ValueError, match="unknown fit sets"):
         comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny", ("noise",))])
 
