@@ -20,6 +20,10 @@ as the head's standard deviation σ and the batch size move away from this ideal
 **Local versus global, measured.** :func:`step_to_step_cosine` takes, for each method, a callable that
 returns the loss of one step on fixed images x with that step's fresh randomness (augmentations; for LGM
 also the head and the real batch), and reports cos(∂L_t/∂x, ∂L_{t+1}/∂x) between consecutive steps.
+
+**Few views against the expectation (chapter 2).** :func:`gradient_agreement` compares the flow-loss
+gradient with respect to the synthetic class means at an estimate from A views, or at a running average,
+with the gradient at the mean over many views.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ from torch import Tensor
 from . import flow
 from .augment import Augment
 from .backbones import Backbone
+from .stats import ClassStats
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["head_gradient", "lgm_flow_cosine", "ImageLoss", "image_loss", "step_to_step_cosine"]
+__all__ = ["head_gradient", "lgm_flow_cosine", "ImageLoss", "image_loss", "step_to_step_cosine",
+           "gradient_agreement"]
 
 ImageLoss = Callable[[Tensor, torch.Generator], Tensor]
 """One step's loss as a function of the images x [N, 3, H, W] in [0, 1] and a generator that supplies
@@ -209,3 +215,45 @@ def step_to_step_cosine(losses: Mapping[str, ImageLoss], images: Tensor, steps: 
             rows.append({"method": name, "step": t, "cosine_next": _cos(grads[t], grads[t + 1]),
                          "cosine_mean": _cos(grads[t], mean)})
     return pd.DataFrame(rows)
+
+
+def gradient_agreement(backbone: Backbone, stats: ClassStats, images: torch.Tensor, labels: torch.Tensor,
+                       augment: Augment, resolution: int, *, draws: int = 64, augs: Sequence[int] = (1, 2, 4),
+                       betas: Sequence[float] = (0.7, 0.9), warmup: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    """How well the loss gradient ∂L/∂s from a few views points like the one at the expected features.
+
+    For fixed ``images`` [N, 3, H, W] (class-major ``labels``), s⁽ᵏ⁾, k = 1 … ``draws``, are the class means of
+    one augmented view per image, and s* = mean_k s⁽ᵏ⁾ stands for E_aug. Estimators of s: the mean of A
+    consecutive draws (key ``"A=…"``), and the running average s̄_k = β s̄_{k−1} + (1 − β) s⁽ᵏ⁾ along the draws
+    (key ``"ema β=…"``, from draw ``warmup`` on; the images do not move here, so it has no lag). Returns, per
+    estimator, the cosines cos(∂L/∂s at the estimate, ∂L/∂s at s*) with L the class-level flow loss.
+    """
+    if draws < max(max(augs), warmup + 1):
+        raise ValueError(f"draws={draws} must exceed warmup={warmup} and cover the largest A={max(augs)}")
+    target = flow.real_flow(stats.means.double()).to(backbone.device)
+    labels = labels.to(backbone.device)
+    gen = torch.Generator(device=backbone.device).manual_seed(seed)
+    x = images.to(backbone.device)
+    with torch.no_grad():
+        draw = torch.stack([flow.class_means(backbone(backbone.preprocess(augment(x, resolution, gen), resolution)),
+                                             labels, stats.num_classes) for _ in range(draws)]).double()
+
+    def grad_at(s: torch.Tensor) -> torch.Tensor:
+        s = s.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(flow.sfm_loss(flow.real_flow(s), target), s)
+        return g.flatten()
+
+    reference = grad_at(draw.mean(0))
+
+    def cosines(estimates: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.cosine_similarity(grad_at(e), reference, dim=0) for e in estimates])
+
+    out = {f"A={a}": cosines([draw[k:k + a].mean(0) for k in range(0, draws - a + 1, a)]) for a in augs}
+    for beta in betas:
+        running, estimates = None, []
+        for k in range(draws):
+            _, running = flow.straight_through_ema(draw[k], running, beta)
+            if k >= warmup:
+                estimates.append(running)
+        out[f"ema β={beta}"] = cosines(estimates)
+    return {k: v.float().cpu() for k, v in out.items()}

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import data, distributed, flow
+from . import data, distributed
 from .augment import Augment, AugmentParams
 from .backbones import Backbone
 from .data import DistilledSet
@@ -46,7 +46,7 @@ from .stats import ClassStats
 from .utils import atomic_path
 
 __all__ = ["DistillConfig", "Distiller", "run", "sfm", "lgm", "DistilledSet", "SFMObjective", "LGMObjective",
-           "MultiBackbone", "MultiSFMObjective", "Snapshots", "step_gradient", "gradient_agreement", "DEFAULT_LR"]
+           "MultiBackbone", "MultiSFMObjective", "Snapshots", "step_gradient", "DEFAULT_LR"]
 
 DEFAULT_LR = {"pixels": 0.05, "pyramid": 0.01}
 _CHECKPOINT_VERSION = 2
@@ -221,48 +221,6 @@ class Snapshots:
                 self.images[step + 1] = images.decode().float().cpu()
 
 
-def gradient_agreement(backbone: Backbone, stats: ClassStats, images: torch.Tensor, labels: torch.Tensor,
-                       augment: Augment, resolution: int, *, draws: int = 64, augs: Sequence[int] = (1, 2, 4),
-                       betas: Sequence[float] = (0.7, 0.9), warmup: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
-    """How well the loss gradient ∂L/∂s from a few views points like the one at the expected features.
-
-    For fixed ``images`` [N, 3, H, W] (class-major ``labels``), s⁽ᵏ⁾, k = 1 … ``draws``, are the class means of
-    one augmented view per image, and s* = mean_k s⁽ᵏ⁾ stands for E_aug. Estimators of s: the mean of A
-    consecutive draws (key ``"A=…"``), and the running average s̄_k = β s̄_{k−1} + (1 − β) s⁽ᵏ⁾ along the draws
-    (key ``"ema β=…"``, from draw ``warmup`` on; the images do not move here, so it has no lag). Returns, per
-    estimator, the cosines cos(∂L/∂s at the estimate, ∂L/∂s at s*) with L the class-level flow loss.
-    """
-    if draws < max(max(augs), warmup + 1):
-        raise ValueError(f"draws={draws} must exceed warmup={warmup} and cover the largest A={max(augs)}")
-    target = flow.real_flow(stats.means.double()).to(backbone.device)
-    labels = labels.to(backbone.device)
-    gen = torch.Generator(device=backbone.device).manual_seed(seed)
-    x = images.to(backbone.device)
-    with torch.no_grad():
-        draw = torch.stack([flow.class_means(backbone(backbone.preprocess(augment(x, resolution, gen), resolution)),
-                                             labels, stats.num_classes) for _ in range(draws)]).double()
-
-    def grad_at(s: torch.Tensor) -> torch.Tensor:
-        s = s.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(flow.sfm_loss(flow.real_flow(s), target), s)
-        return g.flatten()
-
-    reference = grad_at(draw.mean(0))
-
-    def cosines(estimates: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.cosine_similarity(grad_at(e), reference, dim=0) for e in estimates])
-
-    out = {f"A={a}": cosines([draw[k:k + a].mean(0) for k in range(0, draws - a + 1, a)]) for a in augs}
-    for beta in betas:
-        running, estimates = None, []
-        for k in range(draws):
-            _, running = flow.straight_through_ema(draw[k], running, beta)
-            if k >= warmup:
-                estimates.append(running)
-        out[f"ema β={beta}"] = cosines(estimates)
-    return {k: v.float().cpu() for k, v in out.items()}
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -380,7 +338,7 @@ class Distiller:
         how = (f"two-pass with chunks of {self.chunk_size} views" if self.two_pass else
                f"one pass over all {self.num_views} views")
         fix = (f"lower the chunk size (chunk_size / --chunk-size, now {self.chunk_size})" if self.two_pass else
-               f"use two-pass (two_pass=True / --two-pass, memory bounded by --chunk-size)")
+               "use two-pass (two_pass=True / --two-pass, memory bounded by --chunk-size)")
         return (f"out of GPU memory in a distillation step ({how}; {cfg.augs} augs × {self.num_views // cfg.augs} "
                 f"images). To fit: {fix}, or lower the views per step (augs / --augs, now {cfg.augs}) or the "
                 f"images per class (ipc / --ipc, now {cfg.ipc})")

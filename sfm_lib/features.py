@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import cache
 from .backbones import Backbone, square_resize
 from .data import BadImageError, ImageFolderDataset, TensorImageDataset
-from .utils import cache_dir, load_tensors, save_tensors
+from .utils import load_tensors, save_tensors
 
 __all__ = ["iterate", "stream", "Batch", "FeatureTable", "compute", "store", "cache_path", "dataset_key", "default_workers"]
 

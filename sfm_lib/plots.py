@@ -136,7 +136,7 @@ def snapshot_grid(snapshots: dict[int, torch.Tensor], labels: torch.Tensor, clas
 
 
 def agreement(cosines: dict[str, torch.Tensor], ax=None, title: str | None = None):
-    """One box per estimator of :func:`sfm_lib.distill.gradient_agreement`: its cosines with the reference
+    """One box per estimator of :func:`sfm_lib.analysis.gradient_agreement`: its cosines with the reference
     gradient (1 = the gradient of the expected features)."""
     import matplotlib.pyplot as plt
 

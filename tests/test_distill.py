@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfm_lib import distill, flow
+from sfm_lib import analysis, distill, flow
 from sfm_lib.augment import Augment
 from sfm_lib.images import make_images
 from sfm_lib.stats import ClassStats
@@ -338,7 +338,7 @@ def test_gradient_agreement_against_a_hand_computation(lite0, toy_stats):
         near = lite0(lite0.preprocess(images, RES)).double()
     near = near + 0.05 * near.std() * torch.randn(near.shape, generator=torch.Generator().manual_seed(1))
     toy_stats = ClassStats(near, torch.ones(C, dtype=torch.long), list("abc"), {"backbone": lite0.name})
-    got = distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(1, 4), betas=(0.5,),
+    got = analysis.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(1, 4), betas=(0.5,),
                                      warmup=2)
     assert float(got["A=1"].min()) < 0.99
     assert set(got) == {"A=1", "A=4", "ema β=0.5"} and [len(v) for v in got.values()] == [4, 1, 2]
@@ -361,7 +361,7 @@ def test_gradient_agreement_against_a_hand_computation(lite0, toy_stats):
     ema3 = 0.5 * ema2 + 0.5 * draws[3]
     assert got["ema β=0.5"].tolist() == pytest.approx([cos(grad(ema2), ref), cos(grad(ema3), ref)], abs=1e-5)
     with pytest.raises(ValueError, match="draws"):
-        distill.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(8,))
+        analysis.gradient_agreement(lite0, toy_stats, images, labels, aug, RES, draws=4, augs=(8,))
 
 
 def test_class_means_by_reshape_equal_the_index_path():

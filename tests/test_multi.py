@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfm_lib import backbones, distill, flow
+from sfm_lib import backbones, distill
 from sfm_lib.augment import Augment
 from sfm_lib.images import make_images
 from sfm_lib.stats import ClassStats
