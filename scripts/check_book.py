@@ -7,7 +7,8 @@ A page fails when it
   * shows raw TeX in its visible text (``\\[``, ``\\(``, ``\\frac``, ``$$``, ``\\begin{``),
   * has math in its source (Sphinx's ``.math`` elements) that MathJax did not render (``mjx-container``),
   * has an image that does not load (``naturalWidth`` 0),
-  * has a code cell wider than its box (cut at the right edge at the 1280 px window width),
+  * has a code cell wider than its box (cut at the right edge at the 1280 px window width), or a table
+    in a cell's output wider than the column (its right columns hidden behind a scroll bar),
   * holds a traceback, a warning or a stderr stream in a notebook cell's output,
   * logs a JavaScript error, or fails to load one of its resources.
 A screenshot of each page goes to the screenshots folder. Exit status 0: all good; 1: problems (listed);
@@ -87,6 +88,9 @@ PAGE_JS = r"""
   const cut = [...document.querySelectorAll(".cell_input pre")]
     .filter(p => p.scrollWidth > p.clientWidth + 1)
     .map(p => p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "").slice(0, 60));
+  const wide = [...document.querySelectorAll(".cell_output table")]
+    .filter(t => t.getBoundingClientRect().right > t.closest(".cell_output").getBoundingClientRect().right + 1)
+    .map(t => [...t.querySelectorAll("th")].map(h => h.textContent.trim()).filter(Boolean).join(" ").slice(0, 60));
   return {
     title: document.title,
     height: Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0),
@@ -94,7 +98,7 @@ PAGE_JS = r"""
     math: math.length, unrendered: unrendered,
     images: imgs.length,
     broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src")),
-    raw_tex: raw, outputs: outputs, cut: cut,
+    raw_tex: raw, outputs: outputs, cut: cut, wide: wide,
   };
 })()
 """
@@ -261,6 +265,7 @@ def check_page(browser: Browser, page: Path, root: Path, shots: Path | None) -> 
         report.problems += [f"image does not load: {src}" for src in info["broken"]]
         report.problems += [f"cell output with a {o}" for o in info["outputs"]]
         report.problems += [f"code cut at the right edge: {line!r}" for line in info["cut"]]
+        report.problems += [f"table wider than the column: {head!r}" for head in info["wide"]]
         if shots is not None:
             height = max(900, min(int(info["height"]), MAX_HEIGHT))
             shot = browser.send("Page.captureScreenshot", {

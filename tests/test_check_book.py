@@ -66,6 +66,11 @@ def reports(tmp_path_factory):
         "js_error": _page('<script>throw new Error("boom")</script><p>Text.</p>'),
         "wide_code": _page('<div class="cell_input"><pre style="width: 300px; overflow: auto">'
                            + "x = 1  # " + "long comment " * 10 + "</pre></div>"),
+        # a table wider than its column (hidden behind a scroll bar), and a narrow one that fits
+        "wide_table": _page('<div class="cell_output" style="width: 300px; overflow-x: auto"><table>'
+                            '<tr><th>top1</th>' + "<th>a long column name</th>" * 6 + '</tr></table></div>'
+                            '<div class="cell_output" style="width: 300px"><table><tr><th>fits</th></tr>'
+                            '</table></div>'),
     }
     mathjax = _mathjax()
     if mathjax is not None:
@@ -111,6 +116,11 @@ def test_tracebacks_warnings_and_stderr_in_outputs_are_caught(reports, page, kin
 
 def test_code_wider_than_its_box_is_caught(reports):
     assert any(p.startswith("code cut at the right edge: 'x = 1") for p in reports[0]["wide_code"].problems)
+
+
+def test_a_table_wider_than_its_column_is_caught(reports):
+    problems = reports[0]["wide_table"].problems
+    assert len(problems) == 1 and problems[0].startswith("table wider than the column: 'top1 a long column")
 
 
 def test_a_javascript_error_is_caught(reports):
