@@ -553,14 +553,20 @@ def sfm(backbone: Backbone | Sequence[Backbone], stats: ClassStats | Sequence[Cl
         raise ValueError("backbone_weights and backbone_crops need lists of backbones and statistics")
     stats.check_compatible(backbone)
     config = _config(locals())
-    if stats.meta.get("resolution") not in (None, config.crop_size):
-        warnings.warn(f"statistics were extracted at {stats.meta['resolution']} px but the backbone sees "
-                      f"{config.crop_size} px views: features depend on the input size", stacklevel=2)
+    _warn_if_other_size(stats, config.crop_size, "the backbone")
     objective = SFMObjective(stats, backbone.device, loss, subclass, ipc, ema)
     result = run(backbone, objective, config, stats.classes, init_dataset=init_dataset, callback=callback)
     result.meta.update(loss=loss, subclass=subclass, ema=ema, dataset=stats.meta.get("dataset"),
                        stats_resolution=stats.meta.get("resolution"))
     return result
+
+
+def _warn_if_other_size(stats: ClassStats, size: int, seen_by: str, stacklevel: int = 2) -> None:
+    """Warn (at the caller of the entry point) when ``stats`` were extracted at another input size than
+    the ``size`` px views ``seen_by`` will see: the features, and so the targets, depend on the size."""
+    if stats.meta.get("resolution") not in (None, size):
+        warnings.warn(f"statistics were extracted at {stats.meta['resolution']} px but {seen_by} sees {size} px "
+                      f"views: features depend on the input size", stacklevel=stacklevel + 1)
 
 
 def _sfm_multi(backbones: list[Backbone], stats: list[ClassStats], weights: Sequence[float] | None,
@@ -578,15 +584,10 @@ def _sfm_multi(backbones: list[Backbone], stats: list[ClassStats], weights: Sequ
     if len({tuple(st.classes) for st in stats}) != 1:
         raise ValueError("the statistics files hold different classes: they must come from one dataset")
     config = _config(locals())
-    crops = [None] * len(backbones) if crops is None else [None if c is None else int(c) for c in crops]
-    if len(crops) != len(backbones):
-        raise ValueError(f"{len(crops)} backbone crop sizes for {len(backbones)} backbones")
-    sizes = [c or config.crop_size for c in crops]
+    phi = MultiBackbone(backbones, None if crops is None else [None if c is None else int(c) for c in crops])
+    sizes = [c or config.crop_size for c in phi.crops]  # MultiBackbone checked one crop per backbone
     for bb, st, size in zip(backbones, stats, sizes):
-        if st.meta.get("resolution") not in (None, size):
-            warnings.warn(f"statistics of {bb.name} were extracted at {st.meta['resolution']} px but it sees "
-                          f"{size} px views: features depend on the input size", stacklevel=3)
-    phi = MultiBackbone(backbones, crops)
+        _warn_if_other_size(st, size, bb.name, stacklevel=3)
     objective = MultiSFMObjective([SFMObjective(st, phi.device, loss, subclass, ipc, ema) for st in stats],
                                   phi.dims, weights, phi.names, sizes)
     result = run(phi, objective, config, stats[0].classes, init_dataset=init_dataset, callback=callback)
