@@ -93,6 +93,17 @@ def _shorthands(kwargs: dict[str, Any], train: Dataset, crop_scale: float | None
         kwargs.setdefault("init_dataset", train)
 
 
+def _contexts(ctx: Context | Sequence[Context]) -> tuple[list[Context], Any, Any]:
+    """The contexts of one backbone or several, with what :func:`sfm_lib.distill.sfm` takes for them: the
+    backbone and statistics of a single context, or lists of them paired in order."""
+    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+    if not contexts:
+        raise ValueError("at least one context is needed")
+    if len(contexts) == 1:
+        return contexts, contexts[0].backbone, contexts[0].stats
+    return contexts, [c.backbone for c in contexts], [c.stats for c in contexts]
+
+
 _SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
 
 
@@ -114,18 +125,14 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     holds every backbone and the fingerprint of each one's statistics."""
     if method not in _SIGNATURES:
         raise ValueError(f"method must be one of {sorted(_SIGNATURES)}, got {method!r}")
-    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
-    if not contexts:
-        raise ValueError("distilled needs at least one context")
+    contexts, phi, stats = _contexts(ctx)
     if len(contexts) > 1 and method != "sfm":
         raise ValueError(f"several backbones work with method='sfm' only, got {method!r}")
     ctx = contexts[0]
     kwargs.setdefault("resolution", ctx.resolution)
     kwargs.setdefault("progress", False)
     _shorthands(kwargs, ctx.train, crop_scale, noise_p)
-    multi = len(contexts) > 1
-    source = ([c.stats for c in contexts] if multi else ctx.stats) if method == "sfm" else ctx.train
-    phi = [c.backbone for c in contexts] if multi else ctx.backbone
+    source = stats if method == "sfm" else ctx.train
     # the key holds every argument of the method with its default filled in, so equal runs share one file
     bound = _SIGNATURES[method].bind_partial(phi, source, **kwargs)
     bound.apply_defaults()
@@ -153,15 +160,13 @@ def step_seconds(ctx: Context | Sequence[Context], *, steps: int = 6, repeats: i
     loop time / steps. For comparing the cost of settings within one run, on one machine."""
     import statistics
 
-    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+    contexts, phi, stats = _contexts(ctx)
     kwargs.setdefault("resolution", contexts[0].resolution)
     kwargs.update(steps=steps, progress=False, checkpoint=None)
     _shorthands(kwargs, contexts[0].train, crop_scale, noise_p)
     if kwargs.get("init") == "centroids":
         kwargs["init"] = "real"  # the start does not change the cost
-    phi = [c.backbone for c in contexts] if len(contexts) > 1 else contexts[0].backbone
-    source = [c.stats for c in contexts] if len(contexts) > 1 else contexts[0].stats
-    times = [distill.sfm(phi, source, **kwargs).meta["time_s"] / steps for _ in range(repeats)]
+    times = [distill.sfm(phi, stats, **kwargs).meta["time_s"] / steps for _ in range(repeats)]
     return statistics.median(times)
 
 
