@@ -264,12 +264,11 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     if made_with not in (None, a.distill_backbone):
         raise CliError(f"{a.distilled} was distilled with {made_with}, not --distill-backbone "
                        f"{a.distill_backbone}; pass --distill-backbone {made_with}")
-    train = data.load(a.dataset, "train", root=a.data_root, download=a.download)
+    whole_train = data.load(a.dataset, "train", root=a.data_root, download=a.download)
     test = data.load(a.dataset, "test", root=a.data_root, download=a.download)
     if len(ds.classes) != len(test.classes):
         raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
-    if a.images_per_class:
-        train = inherit.per_class_split(train, a.images_per_class)
+    train = inherit.per_class_split(whole_train, a.images_per_class) if a.images_per_class else whole_train
     phi_d = backbones.load(a.distill_backbone, a.device)
     same = a.eval_backbone == a.distill_backbone
     phi_e = phi_d if same else backbones.load(a.eval_backbone, a.device)
@@ -278,7 +277,7 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     alphas = _floats(a.alpha, "--alpha") if a.alpha else inherit.ALPHA_GRID
     validation = None
     if len(alphas) > 1:
-        val = inherit.validation_split(data.load(a.dataset, "train", root=a.data_root), a.val_per_class)
+        val = inherit.validation_split(whole_train, a.val_per_class)
         validation = features.compute(phi_e, val, a.resolution, progress=False)
     clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alphas,
                           validation=validation)
