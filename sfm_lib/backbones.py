@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import square_resize
 from .utils import resolve_device
 
 __all__ = ["Backbone", "load", "square_resize", "resolve_name", "OFFLINE_NAMES", "PAPER_BACKBONES"]
@@ -47,22 +48,6 @@ PAPER_BACKBONES = {
 torch.hub (its forward is the normed class token), CLIP ViT-B/16 from OpenAI's ``clip`` package (the
 projected embedding; QuickGELU activations, hence timm's ``quickgelu`` variant, which loads the same
 weight file as ``vit_base_patch16_clip_224.openai``) and EVA-02 from timm with its default (pooling) head."""
-
-
-def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Centre square crop, then bilinear resize to ``resolution`` (antialiased when shrinking); no-op when the
-    images are already ``resolution``². Differentiable; works on [N,3,H,W] and [3,H,W]."""
-    h, w = images.shape[-2:]
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        images = images[..., top:top + side, left:left + side]
-    if images.shape[-1] == resolution:
-        return images
-    batched = images if images.ndim == 4 else images[None]
-    out = F.interpolate(batched, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                        antialias=batched.shape[-1] > resolution)
-    return out if images.ndim == 4 else out[0]
 
 
 class Backbone:

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .utils import cache_dir, load_tensors, save_tensors
 
 __all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset",
-           "subset_per_class", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
+           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -164,6 +165,40 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
             idx = idx[torch.randperm(len(idx), generator=g)]
         picks.append(idx[:per_class])
     return subset(dataset, torch.cat(picks).sort().values.tolist())
+
+
+def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Centre square crop, then bilinear resize to ``resolution`` (antialiased when shrinking); no-op when the
+    images are already ``resolution``². Differentiable; works on [N,3,H,W] and [3,H,W]."""
+    h, w = images.shape[-2:]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top:top + side, left:left + side]
+    if images.shape[-1] == resolution:
+        return images
+    batched = images if images.ndim == 4 else images[None]
+    out = F.interpolate(batched, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                        antialias=batched.shape[-1] > resolution)
+    return out if images.ndim == 4 else out[0]
+
+
+def real_images(dataset: Dataset, indices: Sequence[int] | torch.Tensor, resolution: int) -> torch.Tensor:
+    """Items ``indices`` of ``dataset`` as float ``[B, 3, r, r]`` in [0, 1] (CPU), each turned into the loop's
+    input exactly as the statistics pass turns it: any size and mode → RGB, centre square, bilinear resize
+    (:func:`square_resize`). The one place where real images become tensors of one size: the real-image start
+    of distillation, centroid and neighbour images, the fit sets of classifier inheritance and LGM's real
+    batches all call it. One vectorised gather for in-memory datasets (also under a Subset)."""
+    idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+    base, where = dataset, idx
+    while isinstance(base, torch.utils.data.Subset):
+        where = torch.as_tensor(base.indices, dtype=torch.long)[where]
+        base = base.dataset
+    if len(idx) == 0:
+        return torch.empty(0, 3, resolution, resolution)
+    if hasattr(base, "batch"):
+        return square_resize(base.batch(where)[0], resolution)
+    return torch.stack([square_resize(dataset[int(i)][0], resolution) for i in idx.tolist()])
 
 
 @dataclass

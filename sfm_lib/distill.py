@@ -204,7 +204,7 @@ def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init
         ipc = int((labels == 0).sum())
         sub = data.subset_per_class(init_dataset, ipc, seed=seed)
         order = torch.argsort(sub.targets, stable=True)
-        real = torch.stack([sub[int(i)][0] for i in order])
+        real = data.real_images(sub, order, resolution)  # any size and mode, as the statistics pass sees it
     return make_images(kind, len(labels), resolution, init=real, generator=generator, **kw)
 
 

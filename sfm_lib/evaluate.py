@@ -40,7 +40,8 @@ from . import backbones as backbones_mod
 from . import data as data_mod
 from . import features as features_mod
 from .augment import Augment
-from .backbones import Backbone, square_resize
+from .backbones import Backbone
+from .data import square_resize
 from .data import DistilledSet, TensorImageDataset
 from .stats import ClassStats
 from .utils import resolve_device
@@ -224,7 +225,9 @@ def accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[floa
 
 # ---------------------------------------------------------------------------------------- view features
 def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
-    """All images [N, 3, H, W] in [0, 1] (one size; mixed sizes are resized to ``resolution``) and labels [N]."""
+    """All images in [0, 1] and labels [N]: a distilled set or an in-memory dataset (one size) as they are,
+    [N, 3, H, W]; other datasets (image folders: any size and mode) as [N, 3, r, r], resized as the
+    statistics pass resizes them (:func:`sfm_lib.data.real_images`)."""
     if isinstance(dataset, DistilledSet):
         return dataset.images.detach().float(), dataset.labels.long()
     base, idx = dataset, None
@@ -232,13 +235,10 @@ def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
         base, idx = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
     if isinstance(base, TensorImageDataset):
         return base.batch(torch.arange(len(base)) if idx is None else idx)
-    items = [dataset[i] for i in range(len(dataset))]
-    if not items:
+    if len(dataset) == 0:
         raise ValueError("the training set is empty")
-    images = [img for img, _ in items]
-    if len({tuple(img.shape) for img in images}) > 1:
-        images = [square_resize(img, resolution) for img in images]
-    return torch.stack(images), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    return data_mod.real_images(dataset, torch.arange(len(dataset)), resolution), \
+        torch.as_tensor(dataset.targets, dtype=torch.long).clone()
 
 
 def view_features(backbone: Backbone, images: Tensor, resolution: int, views: int, seed: int) -> Tensor:

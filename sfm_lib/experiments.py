@@ -146,7 +146,7 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
         return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
-        kwargs["init"] = torch.stack([img for img, _ in nearest])
+        kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
     result = getattr(distill, method)(phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import evaluate
+from . import data, evaluate
 from . import features as features_mod
 from .backbones import Backbone
 from .data import DistilledSet
@@ -205,15 +205,16 @@ class InheritedClassifier:
         return cls(tensors["W"], tensors["b"], tensors["P_weight"], tensors["P_bias"], classes, meta)
 
 
-def _images(source: DistilledSet | Dataset | Tensor) -> Tensor:
+def _images(source: DistilledSet | Dataset | Tensor, resolution: int) -> Tensor:
+    """The fit images as float [N, 3, H, W]: a real dataset's images (any size and mode) resized as the
+    statistics pass resizes them (:func:`sfm_lib.data.real_images`)."""
     if isinstance(source, Tensor):
         return source.float()
     if isinstance(source, DistilledSet):
         return source.images.detach().float()
-    items = [source[i][0] for i in range(len(source))]
-    if not items:
+    if len(source) == 0:
         raise ValueError("no images to fit the projector on")
-    return torch.stack(items).float()
+    return data.real_images(source, torch.arange(len(source)), resolution)
 
 
 def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbone: Backbone,
@@ -239,7 +240,7 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
         raise ValueError(f"the golden classifier has {W.shape[1]} inputs but {distill_backbone.name} gives "
                          f"{distill_backbone.feature_dim} features; pass the distillation backbone it was "
                          f"trained with")
-    x = _images(images)
+    x = _images(images, resolution)
     z_e, z_d = paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
                                     cache_key=cache_key)
     if classes is None:
@@ -285,11 +286,16 @@ def dataset_bytes(dataset: Dataset) -> int:
 
 def storage_report(classifier: InheritedClassifier, images: DistilledSet | Tensor) -> dict[str, int]:
     """Bytes: W, b, P and their sum (``inherited``), against the distilled images as PNG, uint8 and float32."""
-    x = _images(images)
+    x = _images(images, int(classifier.meta.get("resolution", 0)) or _native_side(images))
     own = classifier.storage_bytes()
     return {"W": own["W"], "b": own["b"], "P": own["P"], "inherited": own["total"],
             "images_png": png_bytes(x), "images_uint8": x.numel(), "images_float32": 4 * x.numel(),
             "n_images": int(x.shape[0])}
+
+
+def _native_side(images) -> int:
+    first = images[0][0] if not isinstance(images, Tensor) else images[0]
+    return int(min(first.shape[-2:]))
 
 
 # ------------------------------------------------------------------------------------------ other side

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset, Subset
 
 from . import distributed, flow
 from .augment import Augment
-from .backbones import Backbone, square_resize
+from .backbones import Backbone
+from .data import real_images
 from .stats import ClassStats
 
 __all__ = ["ViewLayout", "SFMObjective", "MultiBackbone", "MultiSFMObjective", "LGMObjective", "RealStream",
@@ -330,15 +331,9 @@ def _seed_of(*parts: int) -> int:
 
 
 def _gather(dataset: Dataset, idx: Tensor, resolution: int) -> Tensor:
-    """Images ``idx`` of ``dataset`` as float [B, 3, resolution, resolution] in [0, 1] (CPU): one vectorised
-    gather where the dataset has ``.batch`` (Fashion-MNIST, also under a Subset), else item by item."""
-    base, where = dataset, idx
-    while isinstance(base, Subset):
-        where = torch.as_tensor(base.indices, dtype=torch.long)[where]
-        base = base.dataset
-    if hasattr(base, "batch"):
-        return square_resize(base.batch(where)[0], resolution)
-    return torch.stack([square_resize(dataset[i][0], resolution) for i in idx.tolist()])
+    """Images ``idx`` of ``dataset`` as float [B, 3, resolution, resolution] in [0, 1] (CPU), resized as the
+    statistics pass resizes (:func:`sfm_lib.data.real_images`)."""
+    return real_images(dataset, idx, resolution)
 
 
 class RealStream:
