@@ -46,7 +46,7 @@ from .stats import ClassStats
 from .utils import atomic_path
 
 __all__ = ["DistillConfig", "Distiller", "run", "sfm", "lgm", "DistilledSet", "SFMObjective", "LGMObjective",
-           "MultiBackbone", "MultiSFMObjective", "Snapshots", "step_gradient", "DEFAULT_LR"]
+           "MultiBackbone", "MultiSFMObjective", "Snapshots", "step_gradient", "ViewIndex", "DEFAULT_LR"]
 
 DEFAULT_LR = {"pixels": 0.05, "pyramid": 0.01}
 _CHECKPOINT_VERSION = 2
@@ -120,7 +120,7 @@ def _views(images: SyntheticImages, backbone: Backbone, augment: Augment, params
 
 def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augment: Augment,
                   params: AugmentParams, labels: torch.Tensor, slots: torch.Tensor, augs: int, crop: int,
-                  two_pass: bool = False, chunk_size: int = 256) -> torch.Tensor:
+                  two_pass: bool = False, chunk_size: int = 256, views: "ViewIndex | None" = None) -> torch.Tensor:
     """Compute the loss of one step and accumulate its gradient into ``images``' parameters; returns the
     loss as a detached 0-d tensor on the device (no host sync).
 
@@ -141,13 +141,10 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
     every rank, and the image gradients are summed over ranks at the end (each image's views lie on one
     rank, so the sum adds exact zeros): every rank then takes the same Adam step.
     """
-    n = images.num_images
-    view_img = torch.arange(n * augs, device=labels.device) % n
-    if distributed.world_size() > 1:
-        num_classes = objective.num_classes
-        mine = ViewLayout(augs, num_classes, n // num_classes).rank_views(labels.device)
-        view_img, params = view_img[mine], params.select(mine)
-    view_labels, view_slots = labels[view_img], slots[view_img]
+    views = views or ViewIndex.of(images.num_images, augs, labels, slots, objective.num_classes)
+    view_img, view_labels, view_slots = views.image, views.labels, views.slots
+    if views.mine is not None:
+        params = params.select(views.mine)
     if not two_pass:
         z = _views(images, backbone, augment, params, view_img, crop)
         loss = objective(z, view_labels, view_slots)
@@ -175,6 +172,26 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
             p.grad.index_add_(0, idx, r.grad)
     _sum_gradients(images)
     return loss.detach()
+
+
+@dataclass(frozen=True)
+class ViewIndex:
+    """Which image each view of a step shows (``image``), its label and slot, and under torchrun which of all
+    views are this rank's (``mine``, else None). The same every step: the loop builds it once, so the
+    objective checks the labels' order once (:class:`sfm_lib.objectives.SFMObjective`)."""
+
+    image: torch.Tensor
+    labels: torch.Tensor
+    slots: torch.Tensor
+    mine: torch.Tensor | None
+
+    @classmethod
+    def of(cls, n: int, augs: int, labels: torch.Tensor, slots: torch.Tensor, num_classes: int) -> "ViewIndex":
+        view_img, mine = torch.arange(n * augs, device=labels.device) % n, None
+        if distributed.world_size() > 1:
+            mine = ViewLayout(augs, num_classes, n // num_classes).rank_views(labels.device)
+            view_img = view_img[mine]
+        return cls(view_img, labels[view_img], slots[view_img], mine)
 
 
 def _sum_gradients(images: SyntheticImages) -> None:
@@ -281,6 +298,7 @@ class Distiller:
         self.layout = ViewLayout(cfg.augs, C, cfg.ipc)
         objective.layout = self.layout  # the labels above are in this order: checked once, for the whole run
         self.num_views = C * cfg.ipc * cfg.augs
+        self._views: ViewIndex | None = None  # built at the first step (torchrun is up by then)
         if C < distributed.world_size():
             raise ValueError(f"the views of {C} classes cannot be shared by {distributed.world_size()} "
                              f"processes (each takes whole classes): launch at most {C}")
@@ -356,9 +374,12 @@ class Distiller:
             self.objective.begin_step(self.phi)
             params = cfg.augment.sample(self.num_views, self.aug_gen)
             self.opt.zero_grad(set_to_none=True)
+            if self._views is None:
+                self._views = ViewIndex.of(self.images.num_images, cfg.augs, self.labels, self.slots,
+                                           self.objective.num_classes)
             loss = step_gradient(self.images, self.phi, self.objective, cfg.augment, params, self.labels,
                                  self.slots, cfg.augs, self.crop, two_pass=self.two_pass,
-                                 chunk_size=self.chunk_size)
+                                 chunk_size=self.chunk_size, views=self._views)
             if update:
                 for group in self.opt.param_groups:
                     group["lr"] = _lr_at(step, cfg.steps, self.lr, cfg.schedule)

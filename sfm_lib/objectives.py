@@ -94,6 +94,10 @@ class ViewLayout:
         """The class of every view [M]: c for v = (a·C + c)·ipc + j."""
         return torch.arange(self.num_classes, device=device).repeat_interleave(self.ipc).repeat(self.augs)
 
+    def slots(self, device=None) -> Tensor:
+        """The image slot of every view [M]: j for v = (a·C + c)·ipc + j."""
+        return torch.arange(self.ipc, device=device).repeat(self.num_classes * self.augs)
+
     def rank_views(self, device=None) -> Tensor:
         """Under torchrun, this rank's views in order: all copies of the images of its block of classes
         [lo, hi) = :func:`distributed.block` (C); every view without torchrun. Per class, one rank holds
@@ -102,6 +106,29 @@ class ViewLayout:
         rows = torch.arange(lo * self.ipc, hi * self.ipc, device=device)
         step = self.num_classes * self.ipc
         return (torch.arange(self.augs, device=device)[:, None] * step + rows[None]).flatten()
+
+
+class _LayoutCheck:
+    """Whether an objective may use its view layout for a call: the features must have the layout's size and
+    the labels (and slots) the layout's order. The order is compared once per labels tensor (a host sync),
+    then trusted while the same, unmodified tensors come back (the loop passes the same ones every step)."""
+
+    def __init__(self):
+        self._seen: tuple | None = None  # (labels, its version, slots, its version) that matched
+
+    def __call__(self, layout: ViewLayout | None, z: Tensor, labels: Tensor, slots: Tensor | None,
+                 offset: int = 0) -> bool:
+        if layout is None or not layout.fits(z):
+            return False
+        seen = self._seen
+        if seen is not None and seen[0] is labels and seen[1] == labels._version and seen[2] is slots \
+                and (slots is None or seen[3] == slots._version):
+            return True
+        ok = labels.shape == (layout.size,) and torch.equal(labels, layout.labels(labels.device) + offset)
+        if ok and slots is not None:
+            ok = slots.shape == (layout.size,) and torch.equal(slots, layout.slots(slots.device))
+        self._seen = (labels, labels._version, slots, None if slots is None else slots._version) if ok else None
+        return ok
 
 
 def _layout_for_torchrun(objective) -> ViewLayout:
@@ -133,6 +160,7 @@ class SFMObjective:
         self.loss, self.subclass, self.ipc, self.ema = loss, subclass, ipc, ema
         self.running: Tensor | None = None
         self.layout: ViewLayout | None = None
+        self._layout_ok = _LayoutCheck()
         means = stats.means.double()
         self.means = means.float().to(device)
         self.target = flow.real_flow(means).float().to(device)
@@ -154,7 +182,7 @@ class SFMObjective:
         """Nothing to draw: the target is fixed."""
 
     def __call__(self, z: Tensor, labels: Tensor, slots: Tensor) -> Tensor:
-        layout = self.layout if self.layout is not None and self.layout.fits(z) else None
+        layout = self.layout if self._layout_ok(self.layout, z, labels, slots if self.subclass else None) else None
         if distributed.world_size() > 1:  # z: this rank's views; the means are over every rank's
             stat = self._shared_statistic(z, labels, slots)
         elif self.subclass:
@@ -176,6 +204,10 @@ class SFMObjective:
         computed here as in one process and placed in rows lo … hi−1 of zeros, then summed over ranks."""
         lay, (lo, hi) = _layout_for_torchrun(self), distributed.block(self.C)
         local = ViewLayout(lay.augs, hi - lo, lay.ipc)  # checks that z holds the views of classes lo … hi−1
+        if not self._layout_ok(local, z, labels, slots, offset=lo):
+            raise ValueError(f"under torchrun the views of classes {lo}–{hi - 1} must come in the loop's order "
+                             f"(copy-major, class-major, {lay.augs * (hi - lo) * lay.ipc} rows); run them "
+                             f"through sfm_lib.distill")
         part = local.subclass_means(z) if self.subclass else local.class_means(z)
         before, after = part.new_zeros((lo, *part.shape[1:])), part.new_zeros((self.C - hi, *part.shape[1:]))
         return distributed.sum_replicated(torch.cat([before, part, after]))

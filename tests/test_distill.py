@@ -484,3 +484,27 @@ def test_memory_plan_on_cuda_from_free_memory(lite0, toy_stats, monkeypatch):
         assert d.plan_memory() == expected
     d.two_pass, d.chunk_size = True, None  # an explicit two-pass keeps its setting, the chunk is planned
     assert d.plan_memory() == (True, 10)
+
+
+def test_a_call_whose_labels_are_not_in_the_layouts_order_takes_the_general_path(toy_stats):
+    """The review's case: the objective was used through the loop (its layout set), then called again with
+    as many rows but the labels in another order. The loss must be the one of those labels (the index
+    path), not the layout's reshape of rows it no longer describes."""
+    from sfm_lib.objectives import ViewLayout
+
+    augs, ipc = 2, 2
+    layout = ViewLayout(augs, C, ipc)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(layout.size, toy_stats.feature_dim, generator=g)
+    for kw in ({}, {"subclass": True}):
+        obj = distill.SFMObjective(toy_stats, "cpu", ipc=ipc, **kw)
+        obj.layout = layout
+        labels, slots = layout.labels(), layout.slots()
+        in_order = obj(z, labels, slots)
+        perm = torch.randperm(layout.size, generator=g)
+        shuffled = obj(z, labels[perm], slots[perm])  # same rows, other labels: other class means
+        general = distill.SFMObjective(toy_stats, "cpu", ipc=ipc, **kw)(z, labels[perm], slots[perm])
+        torch.testing.assert_close(shuffled, general)
+        assert not torch.allclose(shuffled, in_order)
+        # and back in order, the layout path is used again (same value as the general path there)
+        torch.testing.assert_close(obj(z, labels, slots), in_order)
