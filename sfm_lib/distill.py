@@ -299,6 +299,7 @@ class Distiller:
         objective.layout = self.layout  # the labels above are in this order: checked once, for the whole run
         self.num_views = C * cfg.ipc * cfg.augs
         self._views: ViewIndex | None = None  # built at the first step (torchrun is up by then)
+        self._planned = False  # the memory plan is made at the first step (also of a resumed run)
         if C < distributed.world_size():
             raise ValueError(f"the views of {C} classes cannot be shared by {distributed.world_size()} "
                              f"processes (each takes whole classes): launch at most {C}")
@@ -319,36 +320,54 @@ class Distiller:
         return torch.optim.Adam(self.images.parameters(), lr=self.lr)
 
     # ------------------------------------------------------------------------------------------ memory
+    def fixed_bytes(self) -> int:
+        """Bytes held for the whole run, at the images' final size (the last pyramid level, not the 1×1 of
+        step 0): parameters, their gradients and Adam's two moments, 4 · numel · 4 B; plus, for an objective
+        with a real batch (LGM), its images and views, 2 · B · 3 · crop² · 4 B."""
+        params = 4 * self.images.final_numel() * 4
+        stream = getattr(self.objective, "stream", None)
+        real = 2 * int(getattr(stream, "batch_size", 0)) * 3 * self.crop * self.crop * 4
+        return params + real
+
     def _bytes_per_view(self, probe: int = 4) -> float:
-        """Peak CUDA bytes of one view's forward + backward, from a probe on ``probe`` random views."""
-        dev = self.device
-        x = torch.rand(probe, 3, self.crop, self.crop, device=dev, requires_grad=True)
+        """Peak CUDA bytes of one view's whole step, from a probe on ``probe`` views of images of the final
+        size: decode (every pyramid level), augmentation (crop, flip, noise), preprocessing, φ forward and
+        the backward into the image parameters."""
+        dev, cfg = self.device, self.config
+        kw = {"grow_every": cfg.grow_every} if cfg.param == "pyramid" else {}
+        init = torch.rand(probe, 3, cfg.resolution, cfg.resolution, generator=torch.Generator().manual_seed(0))
+        images = make_images(cfg.param, probe, cfg.resolution, init=init, **kw).to(dev)  # every level
+        params = cfg.augment.sample(probe, torch.Generator(device=dev).manual_seed(0))
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        z = self.phi(self.phi.preprocess(x, self.crop))
+        z = _views(images, self.phi, cfg.augment, params, torch.arange(probe, device=dev), self.crop)
         z.square().sum().backward()
         torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - base) / probe
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del images, z
+        return peak / probe
 
     def plan_memory(self) -> tuple[bool, int]:
-        """(two_pass, chunk_size). Explicit settings are kept; on CUDA the missing ones come from the free
-        memory: one pass when A·N views fit in 80 % of it (after images, gradients and Adam state), else
-        two-pass with the largest chunk that fits. On the CPU: one pass, chunk 256, unless set."""
-        if self.two_pass is not None and self.chunk_size is not None:
-            return self.two_pass, self.chunk_size
-        dev = self.device
-        fixed = 4 * sum(p.numel() * p.element_size() for p in self.images.parameters())
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget = max(0.8 * free - fixed, 0.0)
-        per_view = max(self._bytes_per_view(), 1.0)
-        torch.cuda.empty_cache()
-        lo, hi = distributed.block(self.objective.num_classes)
-        views = self.config.augs * self.config.ipc * (hi - lo)  # this rank's share
-        if self.two_pass is None:
-            self.two_pass = per_view * views > budget
-        if self.chunk_size is None:
-            self.chunk_size = max(1, min(views, int(budget // per_view)))
+        """(two_pass, chunk_size) for the whole run. Explicit settings are kept; on CUDA the missing ones
+        come from the free memory: one pass when this rank's A·N views fit in 80 % of it after
+        :meth:`fixed_bytes` (the final images, gradients and Adam state), else two-pass with the largest
+        chunk that fits. An objective with a real forward (LGM) runs it without a graph in chunks of the same
+        size. On the CPU: one pass, chunk 256, unless set."""
+        if self.two_pass is None or self.chunk_size is None:
+            dev = self.device
+            free, _ = torch.cuda.mem_get_info(dev)
+            budget = max(0.8 * free - self.fixed_bytes(), 0.0)
+            per_view = max(self._bytes_per_view(), 1.0)
+            torch.cuda.empty_cache()
+            lo, hi = distributed.block(self.objective.num_classes)
+            views = self.config.augs * self.config.ipc * (hi - lo)  # this rank's share
+            if self.two_pass is None:
+                self.two_pass = per_view * views > budget
+            if self.chunk_size is None:
+                self.chunk_size = max(1, min(views, int(budget // per_view)))
+        if hasattr(self.objective, "chunk_size"):
+            self.objective.chunk_size = self.chunk_size
         return self.two_pass, self.chunk_size
 
     def _oom_message(self) -> str:
@@ -366,8 +385,9 @@ class Distiller:
         """One full step (0-based index ``step``): grow, objective.begin_step, views, loss, backward, Adam
         (``update=False``: no Adam step, as in a bare gradient probe). Returns the loss, a 0-d device tensor."""
         cfg = self.config
-        if self.two_pass is None or self.chunk_size is None:
+        if not self._planned:
             self.plan_memory()
+            self._planned = True
         try:
             if self.images.grow(step):
                 self.opt = self._make_opt()
@@ -431,10 +451,7 @@ class Distiller:
         self.objective.load_state_dict(state.get("objective", {}))
         self.image_gen.set_state(state["image_rng"])
         self.aug_gen.set_state(state["aug_rng"])  # generator states are CPU byte tensors, CUDA ones too
-        if self.config.two_pass is None and state.get("two_pass") is not None:
-            self.two_pass = bool(state["two_pass"])  # the automatic plan of the run, for a bit-identical end
-        if self.config.chunk_size is None and state.get("chunk_size") is not None:
-            self.chunk_size = int(state["chunk_size"])
+        # the memory plan is made afresh (the free memory of this machine, the final images): never restored
         return int(state["step"]), list(state["history"])
 
     # --------------------------------------------------------------------------------------------- run

@@ -88,6 +88,10 @@ class SyntheticImages(nn.Module):
         """Called before optimisation step ``step``; True if the parameter set changed (re-create the optimizer)."""
         return False
 
+    def final_numel(self) -> int:
+        """Parameter count once the images have grown to their last form (the whole run's maximum)."""
+        return sum(p.numel() for p in self.parameters())
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"num_images": self.num_images, "resolution": self.resolution}
 
@@ -166,6 +170,10 @@ class PyramidImages(SyntheticImages):
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+    def final_numel(self) -> int:
+        """N · 3 · Σ_l s_l²: every level of the pyramid, also while only the first ones exist."""
+        return self.num_images * 3 * sum(s * s for s in self.sizes)
 
     def _up(self, level: Tensor) -> Tensor:
         r = self.resolution

@@ -486,6 +486,63 @@ def test_memory_plan_on_cuda_from_free_memory(lite0, toy_stats, monkeypatch):
     assert d.plan_memory() == (True, 10)
 
 
+def test_the_plan_counts_the_final_pyramid_of_the_papers_imagenet1k_ipc10_run():
+    """Fixed bytes of the plan = 4 × (every parameter of the LAST pyramid level), from shapes alone: the
+    images of ImageNet-1k at IPC 10, 256 px, grown on the meta device through all nine levels."""
+    from sfm_lib import images as images_mod, recipes
+
+    paper = recipes.get("paper")
+    pyr = images_mod.make_images(paper.param, 10_000, 256, grow_every=1).to("meta")
+    step = 1
+    while pyr.grow(step):
+        step += 1
+    last = sum(p.numel() * p.element_size() for p in pyr.parameters())
+    assert pyr.num_levels == 9 and last == 10_000 * 3 * sum(4 ** k for k in range(9)) * 4
+    fresh = images_mod.make_images(paper.param, 10_000, 256, grow_every=1).to("meta")  # step 0: one 1×1 level
+    assert sum(p.numel() for p in fresh.parameters()) == 10_000 * 3
+    assert 4 * fresh.final_numel() * 4 == 4 * last  # params, grads, Adam's two moments
+    assert 4 * last / 2 ** 30 > 39  # the ~39 GiB the step-0 plan used to miss
+
+
+def test_the_plan_made_at_step_0_still_fits_after_the_last_growth(lite0, toy_stats, monkeypatch):
+    """CUDA's queries mocked: the plan is made at step 0, when the pyramid holds one 1×1 level. Once every
+    level exists, its fixed bytes (the real parameters ×4) plus the views it lets one pass (or one chunk)
+    hold must still be within the 80 % of free memory it planned for. (The old plan counted the 1×1 level
+    only and chose one pass here.)"""
+    res, ipc = 64, 2
+    cfg = distill.DistillConfig(ipc=ipc, steps=40, resolution=res, param="pyramid", grow_every=1)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device, ipc=ipc), cfg, toy_stats.classes)
+    per_view, views = 50_000.0, C * ipc
+    final = 4 * 4 * C * ipc * 3 * sum(s * s for s in [1, 2, 4, 8, 16, 32, 64])
+    free = (final + per_view * views / 2) / 0.8 + 1  # all views fit next to the 1×1 level, half next to the last
+    monkeypatch.setattr(d, "_bytes_per_view", lambda: per_view)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(free), 10**12))
+    d.two_pass, d.chunk_size = None, None
+    two_pass, chunk = d.plan_memory()
+    step = 1
+    while d.images.grow(step):
+        step += 1
+    held = 4 * sum(p.numel() * p.element_size() for p in d.images.parameters())
+    assert held == final
+    assert held + per_view * (chunk if two_pass else views) <= 0.8 * free, (two_pass, chunk)
+
+
+def test_a_resumed_run_plans_its_memory_afresh(lite0, toy_stats, tmp_path, monkeypatch):
+    """The automatic plan is not restored from the checkpoint: a resumed run measures again."""
+    ckpt = tmp_path / "run.ckpt"
+    cfg = dict(ipc=1, steps=2, resolution=RES, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), distill.DistillConfig(**cfg),
+                      toy_stats.classes).run()
+    state = torch.load(ckpt, weights_only=True)
+    state["two_pass"], state["chunk_size"] = True, 3  # as an automatic plan on another machine would leave it
+    torch.save(state, ckpt)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device),
+                          distill.DistillConfig(**{**cfg, "steps": 3, "resume": True}), toy_stats.classes)
+    d.run()
+    assert (d.two_pass, d.chunk_size) == (False, 256)  # the CPU's own plan, not the checkpoint's
+
+
 def test_a_call_whose_labels_are_not_in_the_layouts_order_takes_the_general_path(toy_stats):
     """The review's case: the objective was used through the loop (its layout set), then called again with
     as many rows but the labels in another order. The loss must be the one of those labels (the index
@@ -508,3 +565,20 @@ def test_a_call_whose_labels_are_not_in_the_layouts_order_takes_the_general_path
         assert not torch.allclose(shuffled, in_order)
         # and back in order, the layout path is used again (same value as the general path there)
         torch.testing.assert_close(obj(z, labels, slots), in_order)
+
+
+@pytest.mark.parametrize("param", ["pixels", "pyramid"])
+def test_the_per_view_probe_runs_the_whole_view_pipeline(lite0, toy_stats, monkeypatch, param):
+    """The probe behind the CUDA plan (its CUDA counters mocked, so it runs here): decode of images at the
+    final size, augmentation, preprocessing, forward and backward, without touching the run's own images."""
+    calls = []
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda dev=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: calls.append(1) or 4000)
+    cfg = distill.DistillConfig(ipc=1, steps=1, resolution=RES, param=param, grow_every=1)
+    d = distill.Distiller(lite0, distill.SFMObjective(toy_stats, lite0.device), cfg, toy_stats.classes)
+    before = [p.detach().clone() for p in d.images.parameters()]
+    assert d._bytes_per_view(probe=4) == 1000.0 and calls == [1]
+    assert all(torch.equal(a, b) and p.grad is None for a, b, p in zip(before, d.images.parameters(),
+                                                                       d.images.parameters()))
