@@ -1,12 +1,24 @@
 """Datasets as ``(image, label)`` pairs: image a float32 tensor ``3×H×W`` in [0, 1].
 
-``load(name, split)`` is the one entry point. Names:
+``load(name, split)`` is the one entry point. Splits (:data:`SPLITS`):
+
+- ``train`` — the published training split *less* the validation images: what statistics, distillation,
+  baselines and the golden classifier use.
+- ``val`` — the validation split, where every choice is made (recipe, sweeps, the CI ridge strength): an
+  image folder's ``val/`` folder if it has one, else a fixed hold-out of the published training split,
+  :data:`VAL_FRACTION` of each class (:func:`holdout_indices`). Disjoint from ``train``.
+- ``trainval`` — the published training split whole (``train`` ∪ ``val`` when held out; an image folder's
+  ``train/`` when it has its own ``val/``): only for runs that make no choice on ``val``.
+- ``test`` — the published test split: every reported number, and nothing else.
+
+Names:
 
 - ``fashion_mnist`` — the embedded default. Looked for, in order, in ``root``, ``$SFM_DATA``, the Debian
   package's folder (``apt-get install dataset-fashion-mnist``) and the torchvision download folder;
   downloaded (torchvision) only when ``download=True``.
 - ``mnist``, ``cifar10``, ``cifar100`` — through torchvision (``download=True`` where there is internet).
-- ``imagefolder:PATH`` — ``PATH/train/<class>/*.png|jpg`` and ``PATH/test/<class>/*``. Files in other
+- ``imagefolder:PATH`` — ``PATH/train/<class>/*.png|jpg``, ``PATH/test/<class>/*`` and optionally
+  ``PATH/val/<class>/*``. Files in other
   modes (grey, grey+alpha, CMYK, RGBA, palette, 16-bit grey) are converted to 8-bit RGB. A file that
   cannot be decoded raises :class:`BadImageError` naming it; the feature pass skips such files when
   ``skip_bad=True`` (see :mod:`sfm_lib.features`).
@@ -17,7 +29,9 @@ Grey images become 3 channels (a view, no copy). Every dataset has ``.classes``,
 from __future__ import annotations
 
 import gzip
+import copy
 import hashlib
+import math
 import os
 import socket
 import struct
@@ -33,13 +47,18 @@ from torch.utils.data import Dataset
 from .utils import cache_dir, load_tensors, save_tensors
 
 __all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset",
-           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES"]
+           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES",
+           "SPLITS", "VAL_FRACTION", "VAL_SALT", "holdout_indices", "item_ids"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder:PATH")
-_SPLITS = ("train", "test")
+SPLITS = ("train", "val", "trainval", "test")
+VAL_FRACTION = 0.1
+"""Share of each class of a published training split held out as the ``val`` split (no ``val/`` folder)."""
+VAL_SALT = "sfm-val-v1"
+"""Salt of the hash that ranks the items of a class for the hold-out (:func:`holdout_indices`)."""
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 _DOWNLOAD_TIMEOUT_S = 30.0
 
@@ -387,9 +406,10 @@ def _load_cifar(name: str, split: str, root: str | None, download: bool) -> Tens
     return TensorImageDataset(torch.from_numpy(ds.data), ds.targets, ds.classes, name)
 
 
-def _load_imagefolder(path: str, split: str, skip_bad: bool = False) -> ImageFolderDataset:
+def _load_imagefolder(path: str, folder_name: str, skip_bad: bool = False) -> ImageFolderDataset:
+    """The images of ``PATH/<folder_name>/<class>/*``, classes named by the sub-folders of ``PATH/train``."""
     base = Path(path).expanduser().resolve()
-    folder = base / split
+    folder = base / folder_name
     if not folder.is_dir():
         raise FileNotFoundError(f"imagefolder: {folder} does not exist; expected {base}/train/<class>/*.png|jpg "
                                 f"and {base}/test/<class>/*")
@@ -400,21 +420,88 @@ def _load_imagefolder(path: str, split: str, skip_bad: bool = False) -> ImageFol
     return ImageFolderDataset(folder, classes, f"imagefolder:{base}", skip_bad=skip_bad)
 
 
+def item_ids(dataset: Dataset) -> list[str]:
+    """What names each item of a published split for the hold-out: an image folder's file path relative to
+    the split folder (``<class>/<file>``, so adding a file moves no other), else the item's index."""
+    if isinstance(dataset, ImageFolderDataset):
+        return [p.relative_to(dataset.root).as_posix() for p in dataset.files]
+    return [str(i) for i in range(len(dataset))]
+
+
+def holdout_indices(targets: torch.Tensor, ids: Sequence[str], fraction: float = VAL_FRACTION) -> torch.Tensor:
+    """Indices (sorted) of the items held out for validation: in each class c of n_c items, the
+    k_c = ⌊fraction · n_c + ½⌋ items with the smallest SHA-256(``VAL_SALT:<class>:<id>``) (hex digest), ``ids``
+    as :func:`item_ids` gives them. Fixed by the data alone: no RNG, the same items on every machine."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    if len(ids) != len(targets):
+        raise ValueError(f"{len(ids)} item ids for {len(targets)} labels")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+    picks: list[int] = []
+    for c in targets.unique().tolist():
+        members = torch.nonzero(targets == c).flatten().tolist()
+        k = math.floor(fraction * len(members) + 0.5)
+        rank = sorted(members, key=lambda i: hashlib.sha256(f"{VAL_SALT}:{c}:{ids[i]}".encode()).hexdigest())
+        picks += rank[:k]
+    return torch.tensor(sorted(picks), dtype=torch.long)
+
+
+def _take(dataset: TensorImageDataset | ImageFolderDataset, indices: torch.Tensor):
+    """Items ``indices`` of a published split as a dataset of the same type (not a Subset, so its features
+    and statistics are cached like a whole split; the cache keys hold its content)."""
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[indices], dataset.targets[indices], dataset.classes, dataset.name)
+    out = copy.copy(dataset)
+    out.__dict__.pop("_sfm_files_identity", None)
+    out.files = [dataset.files[i] for i in indices.tolist()]
+    out.targets = dataset.targets[indices]
+    return out
+
+
+def _split_off(dataset: TensorImageDataset | ImageFolderDataset, split: str):
+    """``split`` ("train" or "val") of a published training split by the hold-out of :func:`holdout_indices`."""
+    held = holdout_indices(dataset.targets, item_ids(dataset))
+    if split == "val":
+        if len(held) == 0:
+            raise ValueError(f"{dataset.name}: no class has the ≥ 5 training images a {VAL_FRACTION:.0%} hold-out "
+                             f"needs, so the val split is empty; add a val/<class>/ folder or more images")
+        return _take(dataset, held)
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    keep[held] = False
+    return _take(dataset, torch.nonzero(keep).flatten())
+
+
+def _published(name: str, split: str, root: str | None, download: bool, skip_bad: bool) -> Dataset:
+    """A split as published: "train" or "test" (an image folder also "val", its val/ folder)."""
+    if name.startswith("imagefolder:"):
+        return _load_imagefolder(name.split(":", 1)[1], split, skip_bad)
+    if name in ("fashion_mnist", "mnist"):
+        return _load_mnist_like(name, split, root, download)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, split, root, download)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def _has_val_folder(name: str) -> bool:
+    return name.startswith("imagefolder:") and (Path(name.split(":", 1)[1]).expanduser().resolve() / "val").is_dir()
+
+
 def load(name: str, split: str = "train", root: str | None = None, download: bool = False,
          skip_bad: bool = False) -> Dataset:
-    """Load dataset ``name`` (see module doc) for ``split`` in {"train", "test"}.
+    """Load dataset ``name`` (see module doc) for ``split`` in :data:`SPLITS`: "train" (published training
+    split less the validation images), "val", "trainval" (the published training split whole) or "test".
 
     ``skip_bad``: image folders only — the feature pass skips files that cannot be decoded (and reports
     them) instead of stopping at the first one."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    if name.startswith("imagefolder:"):
-        ds = _load_imagefolder(name.split(":", 1)[1], split, skip_bad)
-    elif name in ("fashion_mnist", "mnist"):
-        ds = _load_mnist_like(name, split, root, download)
-    elif name in ("cifar10", "cifar100"):
-        ds = _load_cifar(name, split, root, download)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test":
+        ds = _published(name, "test", root, download, skip_bad)
+    elif _has_val_folder(name):
+        ds = _published(name, "val" if split == "val" else "train", root, download, skip_bad)
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+        ds = _published(name, "train", root, download, skip_bad)
+        if split != "trainval":
+            ds = _split_off(ds, split)
     ds.split = split
     return ds

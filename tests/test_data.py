@@ -38,14 +38,14 @@ def raw_test_labels():
 
 # ----------------------------------------------------------------------------------------- Fashion-MNIST
 def test_fashion_mnist_sizes_and_classes(fmnist_train, fmnist_test):
-    assert len(fmnist_train) == 60000
+    assert len(fmnist_train) == 54000  # the published 60000 less the 10 % validation hold-out
     assert len(fmnist_test) == 10000
     assert fmnist_train.classes == fmnist_test.classes
     assert len(fmnist_test.classes) == 10
     assert fmnist_test.classes[0] == "T-shirt/top" and fmnist_test.classes[9] == "Ankle boot"
     assert fmnist_test.targets.dtype == torch.long
     assert torch.bincount(fmnist_test.targets, minlength=10).tolist() == [1000] * 10
-    assert torch.bincount(fmnist_train.targets, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(fmnist_train.targets, minlength=10).tolist() == [5400] * 10
     assert fmnist_train.split == "train" and fmnist_test.split == "test"
     assert fmnist_test.name == "fashion_mnist"
 
@@ -66,14 +66,15 @@ def test_fashion_mnist_items_match_raw_bytes(fmnist_test, raw_test_images, raw_t
     assert img0.max() == 1.0 and img0.min() == 0.0
 
 
-def test_fashion_mnist_train_item_matches_raw_bytes(fmnist_train):
-    # Only the head of the train file: header + the first two images.
+def test_fashion_mnist_train_item_matches_raw_bytes():
+    # Only the head of the train file: header + the first two images (of the published split, "trainval").
+    whole = data.load("fashion_mnist", "trainval")
     with gzip.open(DEBIAN / "train-images-idx3-ubyte.gz", "rb") as f:
         raw = f.read(16 + 2 * 784)
     assert raw[:4] == b"\x00\x00\x08\x03"
     assert [int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(3)] == [60000, 28, 28]
     second = torch.tensor(list(raw[16 + 784:16 + 2 * 784]), dtype=torch.float32).view(28, 28) / 255.0
-    torch.testing.assert_close(fmnist_train[1][0][2], second, rtol=0, atol=1e-7)
+    torch.testing.assert_close(whole[1][0][2], second, rtol=0, atol=1e-7)
 
 
 def test_batch_equals_stacked_items(fmnist_test):
@@ -201,10 +202,96 @@ def test_unknown_name_lists_names():
         assert name in msg
 
 
-@pytest.mark.parametrize("split", ["val", "TRAIN", ""])
+@pytest.mark.parametrize("split", ["validation", "TRAIN", ""])
 def test_bad_split(split):
     with pytest.raises(ValueError, match="split"):
         data.load("fashion_mnist", split)
+
+
+# ------------------------------------------------------------------------------------------ validation split
+def _expected_holdout(labels: np.ndarray, ids: list[str], fraction: float = 0.1) -> list[int]:
+    """Independent: per class, the round(fraction · n_c) items of least SHA-256("sfm-val-v1:<class>:<id>")."""
+    import hashlib
+    import math
+
+    out = []
+    for c in sorted(set(labels.tolist())):
+        members = [i for i in range(len(labels)) if labels[i] == c]
+        k = math.floor(fraction * len(members) + 0.5)
+        out += sorted(members, key=lambda i: hashlib.sha256(f"sfm-val-v1:{c}:{ids[i]}".encode()).hexdigest())[:k]
+    return sorted(out)
+
+
+def test_val_split_holds_out_ten_percent_of_each_class_and_train_keeps_the_rest(fmnist_train):
+    raw_images = _idx_numpy(DEBIAN / "train-images-idx3-ubyte.gz")
+    raw_labels = _idx_numpy(DEBIAN / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    held = _expected_holdout(raw_labels, [str(i) for i in range(len(raw_labels))])
+    rest = sorted(set(range(len(raw_labels))) - set(held))
+    val = data.load("fashion_mnist", "val")
+    assert val.split == "val" and len(val) == 6000 and val.targets.bincount().tolist() == [600] * 10
+    assert np.array_equal(val.images.numpy(), raw_images[held]) and val.targets.tolist() == raw_labels[held].tolist()
+    assert np.array_equal(fmnist_train.images.numpy(), raw_images[rest])
+    assert fmnist_train.targets.tolist() == raw_labels[rest].tolist()
+    again = data.load("fashion_mnist", "val")  # fixed: the same images on every load
+    assert torch.equal(again.images, val.images)
+    whole = data.load("fashion_mnist", "trainval")
+    assert whole.split == "trainval" and np.array_equal(whole.images.numpy(), raw_images)
+
+
+def test_the_splits_are_told_apart_by_every_cache_key(fmnist_train):
+    from sfm_lib import cache, features
+
+    splits = [fmnist_train, data.load("fashion_mnist", "val"), data.load("fashion_mnist", "trainval")]
+    for keyed in (features.dataset_key, data.fingerprint, lambda d: cache.key("features", dataset=d)):
+        assert len({keyed(d) for d in splits}) == 3
+    # same split, same key: a second load is a cache hit
+    assert cache.key("features", dataset=data.load("fashion_mnist", "val")) == cache.key("features", dataset=splits[1])
+
+
+def _png_folder(root: Path, counts: dict[str, int], split: str = "train") -> None:
+    for cls, n in counts.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((2, 3), i, dtype=np.uint8)).save(root / split / cls / f"{cls}{i:02d}.png")
+
+
+def test_imagefolder_val_is_a_per_class_holdout_by_file_name(tmp_path):
+    root = tmp_path / "f"
+    _png_folder(root, {"a": 12, "b": 25, "c": 4})  # 10 %: 1, 3 (2.5 rounds up) and 0 images
+    whole = data.load(f"imagefolder:{root}", "trainval")
+    ids = [p.relative_to(root / "train").as_posix() for p in whole.files]
+    held = _expected_holdout(whole.targets.numpy(), ids)
+    val, train = data.load(f"imagefolder:{root}", "val"), data.load(f"imagefolder:{root}", "train")
+    assert val.files == [whole.files[i] for i in held] and val.targets.bincount(minlength=3).tolist() == [1, 3, 0]
+    assert train.files == [f for i, f in enumerate(whole.files) if i not in held]
+    assert train.targets.tolist() == [whole.targets[i].item() for i in range(len(whole)) if i not in held]
+    assert train.classes == val.classes == ["a", "b", "c"] and (train.split, val.split) == ("train", "val")
+    assert data.fingerprint(train) != data.fingerprint(whole)
+    # a file added to class b moves no other file of the hold-out out of it
+    _png_folder(root, {"b": 26})
+    assert set(val.files) <= set(data.load(f"imagefolder:{root}", "val").files) | {root / "train/b/b25.png"}
+
+
+def test_imagefolder_with_a_val_folder_uses_it_and_keeps_train_whole(tmp_path):
+    root = tmp_path / "f"
+    _png_folder(root, {"a": 12, "b": 6})
+    _png_folder(root, {"b": 2}, split="val")
+    val, train = data.load(f"imagefolder:{root}", "val"), data.load(f"imagefolder:{root}", "train")
+    assert [p.name for p in val.files] == ["b00.png", "b01.png"] and val.targets.tolist() == [1, 1]
+    assert len(train) == 18 and train.files == data.load(f"imagefolder:{root}", "trainval").files
+
+
+def test_an_empty_holdout_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "f"
+    _png_folder(root, {"a": 4, "b": 2})
+    assert len(data.load(f"imagefolder:{root}", "train")) == 6  # nothing held out
+    with pytest.raises(ValueError, match="val split is empty; add a val/<class>/ folder") as info:
+        data.load(f"imagefolder:{root}", "val")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="fraction"):
+        data.holdout_indices(torch.zeros(3), ["0", "1", "2"], fraction=1.0)
+    with pytest.raises(ValueError, match="2 item ids for 3 labels"):
+        data.holdout_indices(torch.zeros(3), ["0", "1"])
 
 
 # --------------------------------------------------------------------------------------------- imagefolder
