@@ -98,6 +98,10 @@ def test_real_batches_are_reproducible_cover_an_epoch_and_resume():
     d = CLPObjective(table, labels, C, "cpu", real_batch=16, seed=4)
     d.begin_step()
     assert not torch.equal(d.z_real, drawn[0])
+    cached = CLPObjective(table.half().float(), labels, C, "cpu", real_batch=16, seed=3)  # as the cache gives
+    cached.begin_step()
+    assert cached.table.dtype == torch.float16 and a.table.dtype == torch.float32, "float16 only where exact"
+    assert cached.z_real.dtype == torch.float32 and torch.equal(cached.z_real, drawn[0].half().float())
 
 
 def test_objective_refuses_bad_input_in_one_line():
