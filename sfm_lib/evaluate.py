@@ -6,8 +6,9 @@ the batch), the rate decaying as
 
     lr_t = lr · (1 + cos(π t / T)) / 2,     t = 0 … T−1 the step, T = epochs · ⌈N / B⌉,
 
-and scored by top-1 on the real test split (resize + centre crop) after the last epoch, as mean ± sample
-std (ddof = 1) over probe seeds.
+and scored by top-1 on the real test split (resize + centre crop) after the last epoch, as mean ± std over
+probe seeds: :attr:`ProbeResult.top1_std` the sample std (ddof = 1), :attr:`ProbeResult.top1_pstd` the
+population std (ddof = 0) of the papers' code, which probes with :data:`PAPER_PROBE_SEEDS`.
 
 CPU-friendly emulation of "per-batch flip + random resized crop": for every seed, each training image is
 seen through K = ``views`` fixed views (view 0 un-augmented, views 1…K−1 drawn by
@@ -21,8 +22,10 @@ Three pieces make a probe, and other modules use them on their own (classifier i
 (the score on test features from :func:`sfm_lib.features.compute`).
 
 Baselines with the same probe: ``random`` real images (IPC per class, a new draw per seed), ``centroids``
-(the real images whose features are nearest the class mean), ``neighbors`` (the nearest real image of
-each distilled image) and ``full`` (the whole training split, see :func:`full_data_probe`).
+(the real images whose features are nearest the class mean), ``neighbors`` (for each distilled image the
+same-class real image of highest cosine similarity) and ``full`` (the whole training split, see
+:func:`full_data_probe`). :func:`gain_over_random` scores a result against random real images at the same
+IPC under the same probe and seeds (DD-Ranking's yardstick), and :func:`results_table` shows it.
 """
 from __future__ import annotations
 
@@ -51,9 +54,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ProbeResult", "linear_probe", "full_data_probe", "train_probe", "accuracy", "cosine_lr",
            "view_features", "probe_features", "fit_probes", "accuracies", "random_subset", "centroid_subset",
-           "neighbor_subset", "baseline", "cross_backbone", "results_table", "BASELINES"]
+           "neighbor_subset", "baseline", "cross_backbone", "results_table", "gain_over_random", "metric_name",
+           "BASELINES", "PAPER_PROBE_SEEDS"]
 
 BASELINES = ("random", "centroids", "neighbors", "full")
+PAPER_PROBE_SEEDS = (3407, 3408, 3409, 3410, 3411)
+"""The probe seeds of the papers' code: 5 probes, reported as mean ± population std (``top1_pstd``)."""
 _CHUNK = 256  # images per backbone forward when computing view features
 _ROWS = 16384  # feature rows converted to float64 at a time (class means of a whole split)
 
@@ -63,7 +69,8 @@ _ROWS = 16384  # feature rows converted to float64 at a time (class means of a w
 class ProbeResult:
     """Top-1 accuracies (%) of one probe per seed, with what was evaluated in ``meta``.
 
-    ``top1_std`` is the *sample* standard deviation (ddof = 1) over seeds, 0 for a single seed.
+    ``top1_std`` is the *sample* standard deviation (ddof = 1) over seeds, ``top1_pstd`` the *population*
+    one (ddof = 0, NumPy's default, as the papers' code reports it); both 0 for a single seed.
     ``weights`` (not serialised) holds the trained probes: W [S, C, D], b [S, C] on the CPU.
     """
 
@@ -76,21 +83,31 @@ class ProbeResult:
     def top1_mean(self) -> float:
         return sum(self.top1) / len(self.top1)
 
-    @property
-    def top1_std(self) -> float:
+    def std(self, ddof: int = 1) -> float:
+        """√(Σ_s (a_s − ā)² / (S − ddof)) over the S seeds' top-1 a_s; 0 for one seed."""
+        if ddof not in (0, 1):
+            raise ValueError(f"ddof must be 1 (sample std) or 0 (population std), got {ddof}")
         n = len(self.top1)
         if n < 2:
             return 0.0
         m = self.top1_mean
-        return math.sqrt(sum((a - m) ** 2 for a in self.top1) / (n - 1))
+        return math.sqrt(sum((a - m) ** 2 for a in self.top1) / (n - ddof))
+
+    @property
+    def top1_std(self) -> float:
+        return self.std(1)
+
+    @property
+    def top1_pstd(self) -> float:
+        return self.std(0)
 
     def __str__(self) -> str:
         return f"{self.top1_mean:.1f} ± {self.top1_std:.1f} % ({len(self.top1)} seeds, {self.meta.get('kind', '?')})"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``top1``, ``top1_mean``, ``top1_std``, ``seeds``, ``meta`` (weights left out)."""
+        """JSON-ready: ``top1``, ``top1_mean``, ``top1_std``, ``top1_pstd``, ``seeds``, ``meta`` (no weights)."""
         return {"top1": list(self.top1), "top1_mean": self.top1_mean, "top1_std": self.top1_std,
-                "seeds": list(self.seeds), "meta": dict(self.meta)}
+                "top1_pstd": self.top1_pstd, "seeds": list(self.seeds), "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProbeResult":
@@ -463,7 +480,10 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
 
 def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSet, resolution: int, *,
                     progress: bool = False, allow_class_mismatch: bool = False) -> Subset:
-    """For every distilled image (in order), the real image of the same class nearest to it in feature space.
+    """For every distilled image x̃_i (in order), the real image of its class most similar to it by cosine in
+    the space of ``backbone`` (the distillation backbone), as the LGM code picks neighbours:
+
+        n(i) = argmax_{j : y_j = ỹ_i} ⟨φ(x̃_i), φ(x_j)⟩ / (‖φ(x̃_i)‖ ‖φ(x_j)‖)     (first of ties, float64).
 
     Distilled features: ``backbone.features`` at ``resolution``, un-augmented (rounded through float16 like
     the cached real features). Two distilled images may share a neighbour; it then appears twice.
@@ -477,6 +497,7 @@ def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSe
     with torch.inference_mode():
         q = torch.cat([backbone.features(distilled.images[i:i + _CHUNK].float(), resolution).cpu()
                        for i in range(0, len(distilled), _CHUNK)]).half().double()
+    q = F.normalize(q, dim=1)
     labels = distilled.labels.long().cpu()  # x in float64 per class below, not all at once
     picks = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique().tolist():
@@ -484,8 +505,8 @@ def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSe
         if len(pool) == 0:
             raise ValueError(f"no real image of class {c} in {dataset.name}; is it the dataset that was distilled?")
         rows = torch.nonzero(labels == c).flatten()
-        d = torch.cdist(q[rows], x[pool].double())
-        picks[rows] = pool[d.argmin(1)]
+        cos = q[rows] @ F.normalize(x[pool].double(), dim=1).T
+        picks[rows] = pool[cos.argmax(1)]
     return data_mod.subset(dataset, picks.tolist())
 
 
@@ -518,7 +539,7 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
         sub = neighbor_subset(backbone, train_ds, distilled, resolution, progress=probe_kw.get("progress", False),
                               allow_class_mismatch=allow_class_mismatch)
         result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="neighbors", **probe_kw)
-        result.meta["distill_backbone"] = distilled.meta.get("backbone")
+        result.meta.update(distill_backbone=distilled.meta.get("backbone"), ipc=distilled.meta.get("ipc"))
     if kind != "neighbors":
         result.meta["ipc"] = ipc
     return result
@@ -543,27 +564,78 @@ def cross_backbone(distilled: DistilledSet, backbone_names: Sequence[str | Backb
     return pd.DataFrame(rows, columns=["eval_backbone", "distill_backbone", "top1_mean", "top1_std"])
 
 
-def results_table(rows: Sequence[ProbeResult | dict[str, Any]], per_seed: bool = False) -> pd.DataFrame:
+_PROBE_KEYS = ("backbone", "resolution", "epochs", "views", "batch_size", "lr", "n_train", "test", "n_test")
+"""What "the same probe" means for :func:`gain_over_random`: the evaluation backbone, the probe's recipe, the
+number of training images (IPC × classes) and the test split; the seeds are compared too."""
+
+
+def _probe_key(result: ProbeResult) -> tuple:
+    return tuple(result.meta.get(k) for k in _PROBE_KEYS) + (tuple(result.seeds),)
+
+
+def gain_over_random(result: ProbeResult, random: ProbeResult) -> float:
+    """Gain over random real images (points): top1_mean(result) − top1_mean(random), where ``random`` is
+    :func:`baseline` ("random") at the same IPC, scored by the same probe (backbone, recipe, test split) with
+    the same seeds; equal to the mean over seeds s of the paired difference a_s − r_s. Anything else is
+    refused, naming what differs."""
+    if random.meta.get("kind") != "random":
+        raise ValueError(f"the second result must be the random real-image baseline, got kind "
+                         f"{random.meta.get('kind')!r}; make it with baseline('random', ...)")
+    if list(result.seeds) != list(random.seeds):
+        raise ValueError(f"probe seeds differ ({list(result.seeds)} vs {list(random.seeds)}); score the random "
+                         f"baseline with the same seeds")
+    diff = [f"{k} {result.meta.get(k)!r} vs {random.meta.get(k)!r}" for k in _PROBE_KEYS
+            if result.meta.get(k) != random.meta.get(k)]
+    if diff:
+        raise ValueError(f"not the same probe at the same IPC ({'; '.join(diff)}); score the random baseline "
+                         f"with the same probe settings and ipc")
+    return result.top1_mean - random.top1_mean
+
+
+def metric_name(ddof: int = 1, gain: bool = False) -> str:
+    """What a :func:`results_table` reports, in words (for captions)."""
+    text = f"top-1 (%) on the test split, mean ± {'sample' if ddof else 'population'} std over probe seeds"
+    if gain:
+        text += "; gain over random = top-1 − top-1 of random real images at the same IPC, probe and seeds (points)"
+    return text
+
+
+def results_table(rows: Sequence[ProbeResult | dict[str, Any]], per_seed: bool = False, *, ddof: int = 1,
+                  gain: bool = False) -> pd.DataFrame:
     """One row per result (``meta`` flattened into columns, then ``top1_mean``, ``top1_std``, ``n_seeds``), or
     with ``per_seed=True`` the long form (one row per result and seed: ``seed``, ``top1``) for seaborn.
 
-    Dicts are taken as they are, except that a ``to_dict()`` layout (with ``top1``/``seeds``/``meta``) is
-    read as a ProbeResult.
+    ``top1_std`` is the std over probe seeds with ``ddof`` (1: sample, 0: population, as the papers report
+    it). ``gain``: a ``gain_over_random`` column, :func:`gain_over_random` against the random row of this
+    table with the same probe, IPC and seeds (NaN where there is none; 0 for random rows). The words for
+    the metric are in ``table.attrs["metric"]`` (:func:`metric_name`). Dicts are taken as they are, except
+    that a ``to_dict()`` layout (with ``top1``/``seeds``/``meta``) is read as a ProbeResult.
     """
     import pandas as pd
 
+    results = [ProbeResult.from_dict(r) if isinstance(r, dict) and {"top1", "seeds"} <= r.keys() else r
+               for r in rows]
+    randoms: dict[tuple, ProbeResult] = {}
+    for r in results:
+        if gain and isinstance(r, ProbeResult) and r.meta.get("kind") == "random":
+            if _probe_key(r) in randoms:
+                raise ValueError("two random rows with the same probe, IPC and seeds; keep one per setting")
+            randoms[_probe_key(r)] = r
     out = []
-    for row in rows:
-        if isinstance(row, dict) and {"top1", "seeds"} <= row.keys():
-            row = ProbeResult.from_dict(row)
+    for row in results:
         if isinstance(row, ProbeResult):
             if per_seed:
                 out += [{**row.meta, "seed": s, "top1": a} for s, a in zip(row.seeds, row.top1)]
-            else:
-                out.append({**row.meta, "top1_mean": row.top1_mean, "top1_std": row.top1_std,
-                            "n_seeds": len(row.top1)})
+                continue
+            entry = {**row.meta, "top1_mean": row.top1_mean, "top1_std": row.std(ddof), "n_seeds": len(row.top1)}
+            if gain:
+                rand = randoms.get(_probe_key(row))
+                entry["gain_over_random"] = math.nan if rand is None else gain_over_random(row, rand)
+            out.append(entry)
         elif isinstance(row, dict):
             out.append(dict(row))
         else:
             raise ValueError(f"results_table takes ProbeResult or dict rows, got {type(row).__name__}")
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    table.attrs["metric"] = metric_name(ddof, gain)
+    return table

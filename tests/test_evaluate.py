@@ -13,6 +13,7 @@ from sfm_lib.data import TensorImageDataset
 from sfm_lib.distill import DistilledSet
 from sfm_lib.evaluate import (
     BASELINES,
+    PAPER_PROBE_SEEDS,
     ProbeResult,
     _train_probes,
     accuracy,
@@ -20,6 +21,7 @@ from sfm_lib.evaluate import (
     centroid_subset,
     cosine_lr,
     cross_backbone,
+    gain_over_random,
     linear_probe,
     neighbor_subset,
     random_subset,
@@ -172,6 +174,20 @@ def test_probe_result_sample_std_and_json():
     assert ProbeResult.from_dict(d) == r and d["top1_std"] == pytest.approx(2.0)
 
 
+def test_population_std_is_numpys_default_and_the_paper_seeds():
+    import numpy as np
+
+    top1 = [61.2, 63.9, 60.4, 62.0, 64.5]
+    r = ProbeResult(top1, list(PAPER_PROBE_SEEDS))
+    assert PAPER_PROBE_SEEDS == (3407, 3408, 3409, 3410, 3411)
+    assert r.top1_pstd == pytest.approx(float(np.std(top1)), rel=1e-12)            # ddof = 0
+    assert r.top1_std == pytest.approx(float(np.std(top1, ddof=1)), rel=1e-12)
+    assert r.std(0) == r.top1_pstd and r.to_dict()["top1_pstd"] == r.top1_pstd
+    assert ProbeResult([40.0], [0]).top1_pstd == 0.0
+    with pytest.raises(ValueError, match="ddof must be 1"):
+        r.std(2)
+
+
 def test_linear_probe_reproducible_and_seed_statistics(backbone, splits):
     train, test = splits
     a = linear_probe(backbone, train, test, RES, seeds=(0, 1), **TINY)
@@ -272,6 +288,61 @@ def test_neighbor_subset_recovers_copied_real_images(backbone, splits):
     sub = neighbor_subset(backbone, train, ds, RES)
     assert sub.indices == picks.tolist()
     assert torch.equal(sub.targets, labels)
+
+
+def test_neighbors_are_the_same_class_image_of_highest_cosine(backbone, splits):
+    """Against a direct computation: cosine of the float16-rounded features, one pair at a time."""
+    train, _ = splits
+    g = _gen(5)
+    labels = torch.tensor([0, 2, 1, 3, 2, 0, 1])
+    images = torch.rand(len(labels), 3, SIDE, SIDE, generator=g)
+    ds = DistilledSet(images, labels, train.classes, {"backbone": backbone.name})
+    x, y = features.compute(backbone, train, RES, progress=False)
+    with torch.no_grad():
+        q = backbone.features(images, RES).half().double()
+    want, by_l2 = [], []
+    for i, c in enumerate(labels.tolist()):
+        pool = [j for j in range(len(y)) if int(y[j]) == c]
+        cos = [float((q[i] * x[j].double()).sum() / (q[i].norm() * x[j].double().norm())) for j in pool]
+        want.append(pool[max(range(len(pool)), key=lambda k: (cos[k], -k))])
+        by_l2.append(pool[min(range(len(pool)), key=lambda k: float((q[i] - x[pool[k]].double()).norm()))])
+    assert want != by_l2  # the data tell cosine from L2 apart, so the check below can fail
+    sub = neighbor_subset(backbone, train, ds, RES)
+    assert sub.indices == want and torch.equal(sub.targets, labels)
+
+
+def test_gain_over_random_is_the_paired_difference_under_the_same_probe(backbone, splits):
+    import numpy as np
+
+    train, test = splits
+    seeds = (0, 1)
+    rand = baseline("random", backbone, train, test, RES, ipc=1, seeds=seeds, **TINY)
+    images, labels = train.batch(torch.tensor([1, 6, 11, 16]))
+    ds = DistilledSet(images, labels, train.classes, {"backbone": backbone.name, "method": "sfm", "ipc": 1})
+    dist = linear_probe(backbone, ds, test, RES, seeds=seeds, **TINY)
+    want = float(np.mean(np.array(dist.top1) - np.array(rand.top1)))
+    assert gain_over_random(dist, rand) == pytest.approx(want, abs=1e-12)
+    cent = baseline("centroids", backbone, train, test, RES, ipc=2, seeds=seeds, **TINY)
+    full = baseline("full", backbone, train, test, RES, seeds=seeds, epochs=3)
+    table = results_table([dist, rand, cent, full], gain=True, ddof=0)
+    assert table["gain_over_random"].iloc[0] == pytest.approx(want, abs=1e-12)
+    assert table["gain_over_random"].iloc[1] == 0.0
+    assert table["gain_over_random"].iloc[2:].isna().all()  # IPC 2 and the full split have no random row
+    assert table["top1_std"].tolist() == pytest.approx([dist.top1_pstd, rand.top1_pstd, cent.top1_pstd,
+                                                        full.top1_pstd])
+    assert "population std" in table.attrs["metric"] and "gain over random" in table.attrs["metric"]
+    assert "sample std" in results_table([dist]).attrs["metric"]
+    # not the same probe, IPC or seeds: refused, naming the difference
+    with pytest.raises(ValueError, match="n_train 8 vs 4"):
+        gain_over_random(cent, rand)
+    with pytest.raises(ValueError, match="seeds differ"):
+        gain_over_random(linear_probe(backbone, ds, test, RES, seeds=(0,), **TINY), rand)
+    with pytest.raises(ValueError, match="epochs 5 vs 20"):
+        gain_over_random(linear_probe(backbone, ds, test, RES, seeds=seeds, epochs=5, views=3), rand)
+    with pytest.raises(ValueError, match="random real-image baseline"):
+        gain_over_random(dist, cent)
+    with pytest.raises(ValueError, match="two random rows"):
+        results_table([rand, rand], gain=True)
 
 
 def test_baseline_dispatch_errors(backbone, splits):
