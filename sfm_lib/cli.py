@@ -106,6 +106,32 @@ def _recipe(a: argparse.Namespace):
                        noise_p=a.noise_p, param=a.param, lr=a.lr, schedule=a.schedule, grow_every=a.grow_every)
 
 
+def _run(a: argparse.Namespace):
+    """The :class:`sfm_lib.recipes.Run` of the flags: the preset with every recipe flag given replacing its
+    value, the crop and the memory plan. A bad value stops with one line naming it."""
+    from . import recipes
+
+    for flag, value in (("--steps", a.steps), ("--ipc", a.ipc), ("--crop", a.crop), ("--chunk-size", a.chunk_size),
+                        ("--augs", a.augs), ("--checkpoint-every", a.checkpoint_every)):
+        low = 0 if flag == "--steps" else 1
+        if value is not None and value < low:
+            raise CliError(f"{flag} must be ≥ {low}, got {value}")
+    try:
+        return recipes.Run(_recipe(a), crop=a.crop, two_pass=a.two_pass, chunk_size=a.chunk_size)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _distill_kwargs(a: argparse.Namespace, setting=None) -> dict:
+    """Keyword arguments of ``distill.sfm`` / ``distill.lgm`` from the flags (all but the data, the backbones
+    and the checkpoint path): what ``--preset paper`` builds and what the chapters must build for the same
+    setting (tests/test_repro.py compares the two)."""
+    setting = setting or _run(a)
+    kw = setting.sfm_kwargs() if a.method == "sfm" else setting.lgm_kwargs()
+    return {**kw, "ipc": a.ipc, "resolution": a.resolution, "seed": a.seed,
+            "checkpoint_every": a.checkpoint_every, "resume": a.resume}
+
+
 def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, distributed, stats
 
@@ -125,10 +151,11 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         weights = _floats(a.backbone_weights, "--backbone-weights")
         if len(weights) != len(names):
             raise CliError(f"--backbone-weights gives {len(weights)} weight(s) for {len(names)} backbone(s)")
-    r = _recipe(a)
+    setting = _run(a)
+    r = setting.recipe
     if a.method == "lgm" and a.ema:
         raise CliError("--ema is a setting of --method sfm (the running average of its class means)")
-    print(f"recipe: {r.describe()}")
+    print(f"recipe: {setting.describe()}")
     sts = [stats.ClassStats.load(f) for f in stats_files] if a.method == "sfm" else []
     for path, st in zip(stats_files, sts):
         if r.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
@@ -139,17 +166,13 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     with distributed.main_first():  # a download happens once
         train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
-    kw = r.sfm_kwargs()
-    common = dict(ipc=a.ipc, resolution=a.resolution, crop=a.crop,
-                  init_dataset=train if r.init == "real" else None, seed=a.seed, two_pass=a.two_pass,
-                  chunk_size=a.chunk_size, checkpoint=checkpoint, checkpoint_every=a.checkpoint_every,
-                  resume=a.resume, compile=a.compile)
+    kw = _distill_kwargs(a, setting)
+    common = dict(init_dataset=train if r.init == "real" else None, checkpoint=checkpoint, compile=a.compile)
     if a.method == "sfm":
         multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
         result = distill.sfm(bbs if len(bbs) > 1 else bbs[0], sts if len(sts) > 1 else sts[0], loss=a.loss,
                              subclass=a.subclass, **multi, **kw, **common)
     else:
-        kw.pop("ema")
         result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
     result.meta["recipe"] = {"name": r.name, **r.settings()}
     if distributed.is_main():
@@ -228,10 +251,11 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     if a.what == "stats":
         ds = data.load(a.dataset, "train", root=a.data_root, download=a.download)
         row = bench.stats_throughput(bb, ds, a.resolution, images=a.images, batch_size=a.batch_size,
-                                     checkpoint_every=a.checkpoint_every)
-        print(f"statistics pass {row['extract_img_s']} img/s, forward only {row['forward_img_s']} img/s: "
-              f"ratio {row['ratio']:.2f} ({row['backbone']} at {row['resolution']} px, batch {row['batch_size']}, "
-              f"{row['device']}, {row['threads']} threads)")
+                                     checkpoint_every=a.checkpoint_every, num_workers=a.workers)
+        print(f"statistics pass {row['pipeline_img_s']} img/s; decode only {row['decode_img_s']}, forward only "
+              f"{row['forward_img_s']} img/s: ratio {row['ratio']:.2f} to the slower ({row['images']} images, "
+              f"{row['backbone']} at {row['resolution']} px, batch {row['batch_size']}, {row['workers']} workers "
+              f"of {row['cores']} cores, {row['device']}, {row['threads']} threads)")
         if a.checkpoint_every:
             print(f"with a checkpoint every {a.checkpoint_every} batches {row['checkpoint_img_s']} img/s: "
                   f"ratio {row['checkpoint_ratio']:.3f} to the pass without")
@@ -254,6 +278,18 @@ def _cmd_repro(a: argparse.Namespace) -> None:
     only = [c.strip() for c in a.chapters.split(",") if c.strip()] if a.chapters else None
     results = repro.run(a.preset, a.out, overrides, only=only, timeout=a.timeout)
     print(f"wrote {a.out}: {len(results['chapters'])} finished chapters, results.json, figures/")
+
+# ----------------------------------------------------------------------------------------------- export
+def _cmd_export(a: argparse.Namespace) -> None:
+    from . import report
+
+    card = report.export(a.distilled, a.out, force=a.force, evaluation=a.eval_json)
+    acc = card["accuracy"]
+    measured = f"top-1 {acc['top1_mean']:.2f} %" if isinstance(acc, dict) and "top1_mean" in acc else \
+        "no measured accuracy (pass --eval-json)"
+    print(f"wrote {a.out}: {card['images']} images in {len(card['classes'])} class folders and card.json "
+          f"({card['method']}, {card['backbone']}, {measured})")
+
 
 # ---------------------------------------------------------------------------------------------- inherit
 def _cmd_inherit(a: argparse.Namespace) -> None:
@@ -446,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_baselines)
 
     p = sub.add_parser("bench", help="cost benchmarks: statistics throughput, SFM step time and memory",
-                       description="'stats': the statistics pass vs forward-only throughput (same batch, resolution). "
+                       description="'stats': the statistics pass vs its halves, decode-only (all workers) and "
+                                   "forward-only on the same batches (same batch size, resolution; --dataset "
+                                   "imagefolder:DIR for JPEGs). "
                                    "'step': median time and peak GPU memory of one SFM step. 'methods': SFM at "
                                    "A = 1, 10 and LGM at A = 1, 3, 10 in one run (time per full step, peak memory: "
                                    "CUDA allocator, or on the CPU the peak resident memory of a fresh process each; "
@@ -458,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="stats: batch size")
     p.add_argument("--checkpoint-every", type=int, default=0, help="stats: also time the pass with a "
                    "checkpoint every N batches (0: not)")
+    p.add_argument("--workers", type=int, default=None, help="stats: decoding workers (default: one per core "
+                   "this process may use; in-memory data: 0)")
     p.add_argument("--classes", type=int, default=10, help="step: number of classes C")
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--crop", type=int, default=None, help="step: backbone input size (default --resolution)")
@@ -486,6 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_repro)
 
     _inherit_parser(sub)
+
+    p = sub.add_parser("export", help="write a distilled set as an image folder (<class>/<i>.png) + card.json",
+                       description="Write the images of a distilled set as OUT/<class>/<i>.png and a JSON card "
+                                   "(OUT/card.json: recipe, statistics hash, backbone, method, measured accuracy, "
+                                   "SHA-256 of the source file), so the set can be shared and read by any tool. "
+                                   "Written to a temporary folder, then renamed.")
+    p.add_argument("--distilled", required=True, help="distilled set from `python -m sfm_lib distill`")
+    p.add_argument("--out", required=True, help="output folder (refused when not empty, unless --force)")
+    p.add_argument("--eval-json", default=None, help="the JSON of `python -m sfm_lib eval --json`: its top-1 "
+                   "goes into the card (default: the set's own metadata, if it holds one)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -505,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launched:
             args.device = str(distributed.init(args.device))  # cuda:LOCAL_RANK, or the CPU with gloo
         args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, FloatingPointError) as err:
+    except (CliError, ValueError, OSError, RuntimeError, ImportError, FloatingPointError) as err:
         where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
         print(f"error: {where}{err}", file=sys.stderr)
         return 2

@@ -14,16 +14,21 @@ was measured:
 
 ``sfm_kwargs(name, **overrides)`` gives the keyword arguments of :func:`sfm_lib.distill.sfm`;
 ``describe(name, **overrides)`` the one-line summary that the command line prints and stores.
+
+:func:`run` is what the command line and every chapter build a distillation from: a recipe (its name plus
+overrides of any of its settings) and the run's own crop size and memory plan, as one :class:`Run`. So
+``distill --preset paper --resolution 256 --crop 224 --two-pass`` and a chapter executed with the
+``in1k-*`` preset build the same :class:`~sfm_lib.distill.DistillConfig`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .augment import Augment
 
-__all__ = ["Recipe", "RECIPES", "DEFAULT", "get", "sfm_kwargs", "describe"]
+__all__ = ["Recipe", "RECIPES", "DEFAULT", "get", "sfm_kwargs", "describe", "Run", "run"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,9 @@ class Recipe:
     grow_every: int = 200
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.steps < 0 or self.augs < 1 or self.grow_every < 1 or not self.lr > 0:
-            problems.append("need steps ≥ 0, augs ≥ 1, grow_every ≥ 1 and lr > 0")
+        problems = [f"{key} must be {rule}, got {getattr(self, key)!r}" for key, ok, rule in [
+            ("steps", self.steps >= 0, "≥ 0"), ("augs", self.augs >= 1, "≥ 1"),
+            ("grow_every", self.grow_every >= 1, "≥ 1"), ("lr", self.lr > 0, "> 0")] if not ok]
         if not 0 <= self.ema < 1:
             problems.append("ema must lie in [0, 1)")
         if not 0 < self.crop_scale <= 1 or not 0 <= self.noise_p <= 1:
@@ -123,3 +128,53 @@ def sfm_kwargs(name: str | None = None, **overrides: Any) -> dict[str, Any]:
 def describe(name: str | None = None, **overrides: Any) -> str:
     """``get(name, **overrides).describe()``: e.g. for the command line's ``recipe: ...`` line."""
     return get(name, **overrides).describe()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A recipe and the run's own settings that do not change what is optimised: ``crop`` (the backbone input
+    size of the views; None: the image resolution), ``two_pass`` and ``chunk_size`` (the memory plan; None:
+    automatic, see :meth:`sfm_lib.distill.Distiller.plan_memory`)."""
+
+    recipe: Recipe
+    crop: int | None = None
+    two_pass: bool | None = None
+    chunk_size: int | None = None
+
+    def sfm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sfm_lib.distill.sfm` (and :func:`sfm_lib.experiments.distilled`)."""
+        return {**self.recipe.sfm_kwargs(), "crop": self.crop, "two_pass": self.two_pass,
+                "chunk_size": self.chunk_size}
+
+    def lgm_kwargs(self, augs: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`sfm_lib.distill.lgm`: the same images, optimiser and augmentation, no
+        running average (an SFM setting), ``augs`` copies of the synthetic set per step (default the recipe's)."""
+        kw = self.sfm_kwargs()
+        kw.pop("ema")
+        if augs is not None:
+            kw["augs"] = augs
+        return kw
+
+    def describe(self) -> str:
+        """The recipe's line, with the crop and the memory plan when they are set."""
+        extra = [f"crop {self.crop} px" if self.crop else "",
+                 {True: "two-pass", False: "one pass", None: ""}[self.two_pass],
+                 f"chunks of {self.chunk_size} views" if self.chunk_size else ""]
+        extra = [e for e in extra if e]
+        return self.recipe.describe() + (f"; {', '.join(extra)}" if extra else "")
+
+
+def run(name: str | None = None, overrides: Mapping[str, Any] | None = None, *, steps: int | None = None,
+        crop: int | None = 0, two_pass: bool | None = None, chunk_size: int | None = 0) -> Run:
+    """The :class:`Run` of recipe ``name`` with ``overrides`` of its settings (a mapping, e.g. a chapter's
+    ``recipe_overrides``) and ``steps`` (None or 0: the recipe's). ``crop`` and ``chunk_size`` 0 or None:
+    unset; ``two_pass`` None: automatic (a chapter passes its ``two_pass`` parameter as ``two_pass or None``)."""
+    changes = dict(overrides or {})
+    if steps:
+        changes["steps"] = int(steps)
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    for key, value in (("crop", crop), ("chunk_size", chunk_size)):
+        if value is not None and value < 0:
+            raise ValueError(f"{key} must be ≥ 0 (0: unset), got {value}")
+    return Run(get(name, **changes), crop=crop or None, two_pass=two_pass, chunk_size=chunk_size or None)

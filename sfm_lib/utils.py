@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "cache_dir", "atomic_path", "save_tensors", "load_tensors"]
+__all__ = ["resolve_device", "cache_dir", "atomic_path", "DiskFullError", "save_tensors", "load_tensors"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -38,18 +40,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, Exception) and _disk_full(err, path.parent):
+            kept = f"the earlier {path.name} is kept as it was" if path.exists() else "nothing was written"
+            raise DiskFullError(errno.ENOSPC, f"the disk is full: could not write {path} ({kept}); free some "
+                                              f"space on {path.parent} or write elsewhere") from err
         raise
+
+
+class DiskFullError(OSError):
+    """Writing a file failed because its disk (or quota) is full; the message names the file."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (or its cause) is a full disk: ENOSPC/EDQUOT, or a writer's own error (torch.save says
+    "unexpected pos …") while the folder's disk has next to no space left."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

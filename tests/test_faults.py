@@ -190,3 +190,71 @@ def test_mismatched_distilled_set_is_refused(tmp_path, capsys, tiny_fmnist_dir, 
     fine = DistilledSet(digits.images, digits.labels, list(test.classes), {"dataset": "fashion_mnist"})
     assert len(evaluate.neighbor_subset(lite0, train, fine, RES)) == 10
     assert len(evaluate.neighbor_subset(lite0, train, digits, RES, allow_class_mismatch=True)) == 10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs; needs root, as in CI), unmounted afterwards."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_says_so_in_one_line(small_disk, tiny_fmnist_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The checkpoint of a distillation does not fit the disk: one line naming the full disk and the file (no
+    `[enforce fail at inline_container.cc …]`), no traceback, and the output an earlier run left stays intact."""
+    from sfm_lib import cli
+
+    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))
+    stats_file = tmp_path / "st.safetensors"
+    assert cli.main(["stats", "--resolution", str(RES), "--device", "cpu", "--quiet", "--out", str(stats_file)]) == 0
+    out = small_disk / "d.safetensors"
+    out.write_bytes(b"an earlier run's output" * 100)
+    before = out.read_bytes()
+    capsys.readouterr()
+    code = cli.main(["distill", "--stats", str(stats_file), "--resolution", str(RES), "--device", "cpu",
+                     "--steps", "2", "--checkpoint-every", "1", "--init", "noise", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if not line.startswith("SFM ")]  # the progress bar
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), lines
+    assert "Traceback" not in "\n".join(lines)
+    assert "the disk is full" in err[0] and str(out) + ".ckpt" in err[0] and "inline_container" not in err[0]
+    assert out.read_bytes() == before
+    assert not [p for p in small_disk.iterdir() if p.name.endswith(".tmp")], "no temporary file is left"
+
+
+def test_a_full_disk_is_recognised_from_the_writers_own_error(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError of its zip writer; with (almost) no space left on
+    the folder's disk that is reported as the full disk it is, and the earlier file is kept."""
+    import shutil
+    from collections import namedtuple
+
+    from sfm_lib.utils import DiskFullError, atomic_path
+
+    target = tmp_path / "x.ckpt"
+    target.write_text("earlier")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 4096))
+    with pytest.raises(DiskFullError, match=r"the disk is full: could not write .*x\.ckpt \(the earlier x\.ckpt is kept"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+    assert target.read_text() == "earlier"
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))  # plenty of space: not that
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with atomic_path(target):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+
+def test_a_negative_step_count_names_the_value(capsys, tmp_path):
+    from sfm_lib import cli
+
+    code = cli.main(["distill", "--stats", "x.safetensors", "--steps", "-3", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --steps must be ≥ 0, got -3"]
