@@ -1,12 +1,105 @@
-"""Figures used by the book: image grids, a PCA map of features with class means and flows, curves."""
+"""Figures used by the book: image grids, a PCA map of features with class means and flows, curves.
+
+:func:`watch_labels` makes every pyplot figure check its labels when it is drawn: two texts (tick labels,
+annotations, legend entries, titles) whose glyph boxes overlap raise a :class:`LabelOverlapWarning`,
+which the book's browser check (``scripts/check_book.py``) reports as overlapping figure labels."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence
 
 import torch
 
 __all__ = ["image_grid", "PCA", "feature_map", "counts_bar", "loss_curve", "snapshot_grid", "agreement",
-           "flow_cosine", "step_cosines", "method_costs", "accuracy_vs_storage"]
+           "flow_cosine", "step_cosines", "method_costs", "accuracy_vs_storage", "LabelOverlapWarning",
+           "overlapping_labels", "watch_labels"]
+
+
+# ------------------------------------------------------------------------------------------ label overlap
+class LabelOverlapWarning(UserWarning):
+    """Two labels of a drawn figure overlap (see :func:`overlapping_labels`)."""
+
+
+def _text_box(text, renderer):
+    """The corners of a text's glyph box in display pixels: its unrotated extent turned by its rotation
+    around the centre of its axis-aligned extent (which the turned box shares)."""
+    from matplotlib.text import Text
+
+    outer = text.get_window_extent(renderer)
+    angle = math.radians(text.get_rotation() % 180)
+    if abs(math.sin(angle)) < 1e-6:
+        return [(outer.x0, outer.y0), (outer.x1, outer.y0), (outer.x1, outer.y1), (outer.x0, outer.y1)]
+    flat = Text(0, 0, text.get_text(), fontproperties=text.get_fontproperties(),
+                linespacing=text.get_linespacing(), usetex=text.get_usetex())
+    flat.set_figure(text.get_figure(root=True) if hasattr(text, "get_figure") else text.figure)
+    inner = flat.get_window_extent(renderer)
+    cx, cy = (outer.x0 + outer.x1) / 2, (outer.y0 + outer.y1) / 2
+    w, h = inner.width / 2, inner.height / 2
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in [(-w, -h), (w, -h), (w, h), (-w, h)]]
+
+
+def _polygons_overlap(a, b, margin: float = 0.5) -> bool:
+    """Separating-axis test of two convex quadrilaterals, overlapping by more than ``margin`` pixels."""
+    for poly in (a, b):
+        for i in range(len(poly)):
+            (x0, y0), (x1, y1) = poly[i], poly[(i + 1) % len(poly)]
+            nx, ny = y0 - y1, x1 - x0
+            norm = math.hypot(nx, ny) or 1.0
+            pa = [(x * nx + y * ny) / norm for x, y in a]
+            pb = [(x * nx + y * ny) / norm for x, y in b]
+            if min(max(pa), max(pb)) - max(min(pa), min(pb)) <= margin:
+                return False
+    return True
+
+
+def overlapping_labels(fig, renderer=None) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of ``fig`` whose glyph boxes overlap (rotated texts by their
+    turned box, so rotated tick labels side by side do not count)."""
+    from matplotlib.text import Text
+
+    if renderer is None:
+        fig.canvas.draw_without_rendering() if hasattr(fig.canvas, "draw_without_rendering") else None
+        renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and t.get_alpha() != 0
+             and (t.axes is None or t.get_clip_on() is False or _inside_axes(t, renderer))]
+    boxes = [(t, _text_box(t, renderer)) for t in texts]
+    found = []
+    for i, (t, a) in enumerate(boxes):
+        for u, b in boxes[i + 1:]:
+            if _polygons_overlap(a, b):
+                found.append((t.get_text(), u.get_text()))
+    return found
+
+
+def _inside_axes(text, renderer) -> bool:
+    """A clipped text (an annotation, a data label) counts only where it is drawn inside its axes."""
+    box, clip = text.get_window_extent(renderer), text.axes.bbox
+    return box.x1 > clip.x0 and box.x0 < clip.x1 and box.y1 > clip.y0 and box.y0 < clip.y1
+
+
+def _warn_on_overlap(event) -> None:
+    pairs = overlapping_labels(event.canvas.figure, event.renderer)
+    if pairs:
+        shown = "; ".join(f"{a!r} and {b!r}" for a, b in pairs[:3])
+        more = f" (and {len(pairs) - 3} more pairs)" if len(pairs) > 3 else ""
+        warnings.warn(f"figure labels overlap: {shown}{more}", LabelOverlapWarning, stacklevel=2)
+
+
+def _watch(fig) -> None:
+    """A ``figure.hooks`` entry: check the figure's labels at every draw."""
+    fig.canvas.mpl_connect("draw_event", _warn_on_overlap)
+
+
+def watch_labels() -> None:
+    """From now on every figure made through pyplot warns (:class:`LabelOverlapWarning`) when it is drawn
+    with overlapping labels (matplotlib's ``figure.hooks``). Called by :class:`sfm_lib.report.Card`."""
+    import matplotlib
+
+    hook = f"{__name__}:_watch"
+    if hook not in matplotlib.rcParams["figure.hooks"]:
+        matplotlib.rcParams["figure.hooks"] = [*matplotlib.rcParams["figure.hooks"], hook]
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], per_class: int = 8,
@@ -224,37 +317,47 @@ def method_costs(results, title: str | None = None):
     fig.tight_layout()
     return fig
 
+
 def accuracy_vs_storage(table, ax=None, title: str | None = None):
     """Top-1 against bytes kept (log scale), one point per row of :func:`sfm_lib.inherit.comparison`: colour =
-    the (φ_d → φ_e) pair, marker = the method (inherited classifiers fitted on each image set, the normal probe
-    on the distilled images, the full-data probe)."""
+    the (φ_d → φ_e) pair, marker = the method and, for inherited classifiers, the images P was fitted on
+    (filled: the distilled images; hollow triangles: random or centroid real images, the controls). No text
+    sits beside the points: the controls of a pair have the same storage and close accuracies, and labels
+    there would overlap. The legend is outside the axes, right of them."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    markers = {"inherited": "o", "normal probe": "s", "full-data probe": "*"}
-    fills = {"distilled": None, "random": "none", "centroids": "none"}
+    shapes = {("inherited", "distilled"): ("o", True), ("inherited", "random"): ("^", False),
+              ("inherited", "centroids"): ("v", False), ("normal probe", None): ("s", True),
+              ("full-data probe", None): ("*", True)}
+    names = {("inherited", "distilled"): "inherited, P fitted on the distilled images",
+             ("inherited", "random"): "inherited, P fitted on random real images",
+             ("inherited", "centroids"): "inherited, P fitted on centroid images",
+             ("normal probe", None): "normal probe on the distilled images",
+             ("full-data probe", None): "full-data probe"}
     pairs = list(dict.fromkeys(zip(table["distill_backbone"], table["eval_backbone"])))
     cmap = plt.get_cmap("tab10")
+    seen = set()
     for k, (d, e) in enumerate(pairs):
         rows = table[(table["distill_backbone"] == d) & (table["eval_backbone"] == e)]
+        colour = cmap(k % 10)
         for _, r in rows.iterrows():
-            fit = r["fit_on"] if isinstance(r["fit_on"], str) else None
-            face = fills.get(fit) if fit else None
-            ax.scatter(r["storage_bytes"], r["top1"], marker=markers.get(r["method"], "x"), s=110 if
-                       r["method"] == "full-data probe" else 60, color=cmap(k % 10), zorder=3,
-                       facecolors=face if face else cmap(k % 10), linewidths=1.4)
-            if fit and fit != "distilled":
-                ax.annotate(fit, (r["storage_bytes"], r["top1"]), textcoords="offset points", xytext=(6, -3),
-                            fontsize=7, color=cmap(k % 10))
-        ax.plot([], [], color=cmap(k % 10), lw=6, label=f"distil {d}, evaluate {e}")
-    for method, m in markers.items():
-        ax.scatter([], [], marker=m, color="0.3", label=method)
-    ax.scatter([], [], marker="o", facecolors="none", color="0.3", label="inherited, P fitted on real images")
+            fit = r["fit_on"] if r["method"] == "inherited" and isinstance(r["fit_on"], str) else None
+            key = (r["method"], fit)
+            seen.add(key)
+            marker, filled = shapes.get(key, ("x", True))
+            ax.scatter(r["storage_bytes"], r["top1"], marker=marker, s=120 if marker == "*" else 60,
+                       edgecolors=colour, facecolors=colour if filled else "none", linewidths=1.4, zorder=3)
+        ax.plot([], [], color=colour, lw=6, label=f"distil {d}, evaluate {e}")
+    for key, (marker, filled) in shapes.items():
+        if key in seen:
+            ax.scatter([], [], marker=marker, edgecolors="0.3", facecolors="0.3" if filled else "none",
+                       label=names[key])
     ax.set_xscale("log")
     ax.set_xlabel("bytes kept (W, b, P in float32 · distilled images as PNG · training set as uint8)")
     ax.set_ylabel("top-1 on the real test split (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3, which="major")
     if title:
         ax.set_title(title)
