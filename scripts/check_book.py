@@ -9,7 +9,12 @@ A page fails when it
   * has an image that does not load (``naturalWidth`` 0),
   * has a code cell wider than its box (cut at the right edge at the 1280 px window width), or a table
     in a cell's output wider than the column (its right columns hidden behind a scroll bar),
-  * holds a traceback, a warning or a stderr stream in a notebook cell's output,
+  * holds a traceback, a warning or a stderr stream in a notebook cell's output; a figure whose labels
+    overlap is named as such (``sfm_lib.plots`` warns "figure labels overlap" when it is drawn),
+  * is a notebook page (it has code cells) without a chapter card at its top (an element of class
+    ``chapter-card``, e.g. an admonition with ``:class: chapter-card``, above the first cell),
+  * has a sentence in its text that points at what a reader cannot see: closing notes, notes of the
+    project, issues,
   * logs a JavaScript error, or fails to load one of its resources.
 A screenshot of each page goes to the screenshots folder. Exit status 0: all good; 1: problems (listed);
 2: the book or the browser is missing.
@@ -76,9 +81,11 @@ PAGE_JS = r"""
   const math = [...document.querySelectorAll(".math")];
   const unrendered = math.filter(m => !m.querySelector("mjx-container"))
                          .map(m => m.textContent.trim().slice(0, 80));
-  const outputs = [];
+  const outputs = [], overlaps = [];
   for (const o of document.querySelectorAll(".cell_output .output")) {
     const text = o.innerText || o.textContent || "";
+    const overlap = text.match(/figure labels overlap: [^\n]*/);
+    if (overlap) { overlaps.push(overlap[0].slice(23, 143)); continue; }
     let why = null;
     if (o.matches(".stderr")) why = "stderr output";
     else if (o.matches(".traceback, .error") || /Traceback/.test(text)) why = "traceback";
@@ -91,8 +98,32 @@ PAGE_JS = r"""
   const wide = [...document.querySelectorAll(".cell_output table")]
     .filter(t => t.getBoundingClientRect().right > t.closest(".cell_output").getBoundingClientRect().right + 1)
     .map(t => [...t.querySelectorAll("th")].map(h => h.textContent.trim()).filter(Boolean).join(" ").slice(0, 60));
+  const main = document.querySelector("main") || document.body;
+  const firstCell = main.querySelector(".cell");
+  const card = main.querySelector(".chapter-card");
+  let cardProblem = null;
+  if (firstCell && !card) cardProblem = "no chapter card (an element of class chapter-card)";
+  else if (firstCell && (card.compareDocumentPosition(firstCell) & Node.DOCUMENT_POSITION_PRECEDING))
+    cardProblem = "the chapter card is not at the top (it comes after the first code cell)";
+  const UNSEEN = /\b(closing notes?|notes of (the|this) project|project'?s? notes|issues?)\b/i;
+  const unseen = [];
+  const prose = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
+  for (let n = prose.nextNode(); n; n = prose.nextNode()) {
+    const el = n.parentElement;
+    if (!el || el.closest(SKIP + ", .cell_output") || !el.checkVisibility()) continue;
+    const block = el.closest("p, li, td, th, dd, dt, h1, h2, h3, h4, figcaption") || el;
+    const bare = block.cloneNode(true);  // the block's prose, without its code
+    bare.querySelectorAll(SKIP).forEach(c => c.replaceWith(" "));
+    const text = (bare.textContent || "").replace(/\s+/g, " ").trim();
+    const m = text.match(UNSEEN);
+    if (m && !unseen.some(u => u.text === text)) {
+      const at = Math.max(0, m.index - 50);
+      unseen.push({text: text, shown: (at ? "…" : "") + text.slice(at, m.index + m[0].length + 50)});
+    }
+  }
   return {
     title: document.title,
+    card: cardProblem, unseen: unseen.map(u => u.shown), overlaps: overlaps,
     height: Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0),
     formulas: document.querySelectorAll("mjx-container").length,
     math: math.length, unrendered: unrendered,
@@ -264,6 +295,10 @@ def check_page(browser: Browser, page: Path, root: Path, shots: Path | None) -> 
                                    f"(first: {info['unrendered'][0]!r})")
         report.problems += [f"image does not load: {src}" for src in info["broken"]]
         report.problems += [f"cell output with a {o}" for o in info["outputs"]]
+        report.problems += [f"overlapping figure labels: {o}" for o in info["overlaps"]]
+        if info["card"]:
+            report.problems.append(info["card"])
+        report.problems += [f"points at what a reader cannot see: {t!r}" for t in info["unseen"][:3]]
         report.problems += [f"code cut at the right edge: {line!r}" for line in info["cut"]]
         report.problems += [f"table wider than the column: {head!r}" for head in info["wide"]]
         if shots is not None:

@@ -71,6 +71,17 @@ def reports(tmp_path_factory):
                             '<tr><th>top1</th>' + "<th>a long column name</th>" * 6 + '</tr></table></div>'
                             '<div class="cell_output" style="width: 300px"><table><tr><th>fits</th></tr>'
                             '</table></div>'),
+        # notebook pages (they have code cells) need a chapter card above the first cell
+        "chapter_ok": _page('<main><div class="admonition chapter-card"><p>This build: 3 min.</p></div>'
+                            '<div class="cell"><div class="cell_input"><pre>issues = 3</pre></div></div>'
+                            '<p>Code such as <code>the closing notes</code> is not prose.</p></main>'),
+        "no_card": _page('<main><p>Text.</p><div class="cell"><pre>x = 1</pre></div></main>'),
+        "late_card": _page('<main><div class="cell"><pre>x = 1</pre></div>'
+                           '<div class="admonition chapter-card"><p>card</p></div></main>'),
+        "unseen": _page("<main><p>The numbers are computed when the book is built; the closing notes of the "
+                        "project record them.</p><ul><li>See issue 21 for more.</li></ul></main>"),
+        "overlap": _page(output.format(kind="stderr", text="/x/plots.py:9: LabelOverlapWarning: figure labels "
+                                                           "overlap: 'random' and 'centroids'")),
     }
     mathjax = _mathjax()
     if mathjax is not None:
@@ -132,3 +143,24 @@ def test_formulas_rendered_by_the_bundled_mathjax_pass(reports):
         pytest.skip("sphinx-mathjax-offline is not installed")
     math = reports[0]["math"]
     assert math.problems == [] and math.formulas == 1
+
+
+def test_a_chapter_card_above_the_first_cell_passes(reports):
+    assert reports[0]["chapter_ok"].problems == []
+
+
+@pytest.mark.parametrize("page, problem", [
+    ("no_card", "no chapter card (an element of class chapter-card)"),
+    ("late_card", "the chapter card is not at the top (it comes after the first code cell)")])
+def test_a_notebook_page_without_a_card_at_its_top_fails(reports, page, problem):
+    assert reports[0][page].problems == [problem]
+
+
+def test_sentences_that_point_at_notes_or_issues_fail(reports):
+    problems = reports[0]["unseen"].problems
+    assert len(problems) == 2 and all(p.startswith("points at what a reader cannot see") for p in problems)
+    assert "closing notes" in problems[0] and "issue 21" in problems[1]
+
+
+def test_overlapping_figure_labels_are_named(reports):
+    assert reports[0]["overlap"].problems == ["overlapping figure labels: 'random' and 'centroids'"]
