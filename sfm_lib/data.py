@@ -47,8 +47,8 @@ from torch.utils.data import Dataset
 from .utils import cache_dir, load_tensors, save_tensors
 
 __all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset",
-           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES",
-           "SPLITS", "VAL_FRACTION", "VAL_SALT", "holdout_indices", "item_ids"]
+           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST",
+           "NAMES", "SPLITS", "VAL_FRACTION", "VAL_SALT", "holdout_indices", "item_ids"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

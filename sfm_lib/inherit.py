@@ -11,13 +11,15 @@ distillation backbone φ_d from another backbone φ_e, through a linear projecto
 
    with Z̃ the centred φ_e features (the bias is not penalised): Aᵀ = (Z̃ᵀZ̃ + λI)⁻¹ Z̃ᵀỸ, c = ȳ − A z̄.
    α is chosen from :data:`ALPHA_GRID` by the top-1 of W · P(φ_e(x)) + b on labelled real validation
-   images (:func:`validation_split`: the last images of each class of the training split, never the test
-   split): one backbone wants a small α (P → identity), two backbones a large one.
+   images (:func:`validation_split` of ``data.load(name, "val")``: images the golden classifier, trained
+   on ``"train"``, never saw; never the test split): one backbone wants a small α, two backbones a large
+   one. When φ_e = φ_d the grid's :data:`IDENTITY` candidate keeps P = I (A = I, c = 0), so the inherited
+   classifier can be the golden one exactly.
 3. **Inference**: ŷ = argmax_c (W · P(φ_e(x)) + b)_c (:class:`InheritedClassifier`); φ_d is only needed to
    fit P.
 
 What is stored is W, b and P (:func:`storage_report` counts their bytes against the distilled images).
-Caveat: W saw the whole real training set, so the inherited classifier answers a different question than a
+Caveat: W saw the whole real training split (all but the validation images), so the inherited classifier answers a different question than a
 probe trained on the distilled images alone.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch.utils.data import Dataset
 from . import data, evaluate
 from . import features as features_mod
 from .backbones import Backbone
+from .cache import backbone_identity
 from .data import DistilledSet
 from .utils import load_tensors, save_tensors
 
@@ -42,13 +45,16 @@ if TYPE_CHECKING:
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
            "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "validation_split", "prepare_side",
-           "comparison", "summary", "compact", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID"]
+           "comparison", "summary", "compact", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID", "IDENTITY"]
 
 DEFAULT_ALPHA = 0.1
 """Ridge strength α (λ = α · tr(Z̃ᵀZ̃) / D_e, see the module doc) when no validation images are given: a
 compromise between one backbone (best α ≤ 0.03 on Fashion-MNIST at 64 px) and two (best α 0.3–1)."""
-ALPHA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-"""Ridge strengths tried when P is chosen on validation images (:func:`inherit` with ``validation``)."""
+IDENTITY = "identity"
+"""The candidate P = I (A = I, c = 0) for φ_e = φ_d: the golden classifier itself (skipped for two backbones)."""
+ALPHA_GRID = (IDENTITY, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+"""Candidates tried when P is chosen on validation images (:func:`inherit` with ``validation``): the identity
+first (it wins ties: nothing to fit or store), then ridge strengths α."""
 FIT_SETS = ("distilled", "random", "centroids")
 """Images the projector can be fitted on: the distilled set, random real images, centroid images."""
 
@@ -178,12 +184,14 @@ class InheritedClassifier:
         return 100.0 * (self.predict_features(z).cpu() == labels.cpu()).double().mean().item()
 
     def storage_bytes(self) -> dict[str, int]:
-        """Bytes of W, b and P (A and c) as stored (their dtype), and their sum."""
+        """Bytes of W, b and P (A and c) as stored (their dtype), and their sum; P = I (``meta["alpha"]`` is
+        :data:`IDENTITY`) needs none."""
         def nbytes(t: Tensor) -> int:
             return t.numel() * t.element_size()
 
+        identity = self.meta.get("alpha") == IDENTITY
         out = {"W": nbytes(self.weight), "b": nbytes(self.bias),
-               "P": nbytes(self.proj_weight) + nbytes(self.proj_bias)}
+               "P": 0 if identity else nbytes(self.proj_weight) + nbytes(self.proj_bias)}
         out["total"] = sum(out.values())
         return out
 
@@ -219,7 +227,7 @@ def _images(source: DistilledSet | Dataset | Tensor, resolution: int) -> Tensor:
 
 def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbone: Backbone,
             eval_backbone: Backbone, images: DistilledSet | Dataset | Tensor, resolution: int, *,
-            views: int = 100, seed: int = 0, alpha: float | Sequence[float] = DEFAULT_ALPHA,
+            views: int = 100, seed: int = 0, alpha: float | str | Sequence[float | str] = DEFAULT_ALPHA,
             validation: tuple[Tensor, Tensor] | None = None, classes: Sequence[str] | None = None,
             cache: dict | None = None, cache_key: Any = None) -> InheritedClassifier:
     """Fit P on ``views`` views of ``images`` (no labels used; normally the distilled set) and compose it
@@ -228,29 +236,34 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
 
     ``alpha``: the ridge strength, or several to choose from by top-1 on ``validation`` = (φ_e features
     [N, D_e], labels [N]) of labelled real images (e.g. of :func:`validation_split`); the first best wins,
-    and ``meta`` records the choice (``alpha``) and every score (``validation_top1``)."""
-    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(float(a) for a in alpha)
-    if not alphas:
-        raise ValueError("alpha: give a ridge strength or a non-empty sequence of them")
+    and ``meta`` records the choice (``alpha``) and every score (``validation_top1``). :data:`IDENTITY`
+    among them is P = I, tried only when φ_e = φ_d (same identity, :func:`sfm_lib.cache.backbone_identity`)."""
+    alphas = _candidates(alpha, _same_backbone(distill_backbone, eval_backbone))
     if len(alphas) > 1 and validation is None:
         raise ValueError(f"{len(alphas)} ridge strengths to choose from but no validation images; pass "
-                         f"validation=(φ_e features, labels), e.g. of validation_split(train), or one alpha")
+                         f"validation=(φ_e features, labels), e.g. of validation_split(data.load(name, 'val')), "
+                         f"or one alpha")
     W, b = _golden_weights(golden)
     if W.shape[1] != distill_backbone.feature_dim:
         raise ValueError(f"the golden classifier has {W.shape[1]} inputs but {distill_backbone.name} gives "
                          f"{distill_backbone.feature_dim} features; pass the distillation backbone it was "
                          f"trained with")
     x = _images(images, resolution)
-    z_e, z_d = paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
-                                    cache_key=cache_key)
+    fitted = any(a != IDENTITY for a in alphas)
+    z_e, z_d = (paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
+                                     cache_key=cache_key) if fitted else (None, None))
     if classes is None:
         classes = getattr(images, "classes", None) or [str(i) for i in range(W.shape[0])]
     best, scores = None, {}
     for a in alphas:
-        A, c, lam = fit_projector(z_e, z_d, a)
+        if a == IDENTITY:
+            D = distill_backbone.feature_dim
+            A, c, lam = torch.eye(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), None
+        else:
+            A, c, lam = fit_projector(z_e, z_d, a)
         meta = {"distill_backbone": distill_backbone.name, "eval_backbone": eval_backbone.name,
                 "resolution": resolution, "views": views, "seed": seed, "alpha": a, "lambda": lam,
-                "n_images": int(x.shape[0]), "n_views": int(z_e.shape[0])}
+                "n_images": int(x.shape[0]), "n_views": int(z_e.shape[0]) if fitted else 0}
         clf = InheritedClassifier(W.float().cpu(), b.float().cpu(), A.float(), c.float(), list(classes), meta)
         if validation is None:
             return clf
@@ -259,6 +272,28 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
             best = clf
     best.meta.update(validation_top1=scores, n_validation=int(validation[1].numel()))
     return best
+
+
+def _same_backbone(distill_backbone: Backbone, eval_backbone: Backbone) -> bool:
+    """φ_e = φ_d: one object, or the same name, weights, precision and input size, and equal feature dims."""
+    return eval_backbone is distill_backbone or (
+        eval_backbone.feature_dim == distill_backbone.feature_dim
+        and backbone_identity(eval_backbone) == backbone_identity(distill_backbone))
+
+
+def _candidates(alpha: float | str | Sequence[float | str], same: bool) -> tuple[float | str, ...]:
+    """The candidates of ``alpha`` in order: ridge strengths as floats, :data:`IDENTITY` only when ``same``."""
+    given = (alpha,) if isinstance(alpha, (int, float, str)) else tuple(alpha)
+    if not given:
+        raise ValueError("alpha: give a ridge strength or a non-empty sequence of them")
+    bad = [a for a in given if isinstance(a, str) and a != IDENTITY]
+    if bad:
+        raise ValueError(f"alpha {bad[0]!r} is neither a number nor {IDENTITY!r}")
+    out = tuple(a if a == IDENTITY else float(a) for a in given if same or a != IDENTITY)
+    if not out:
+        raise ValueError(f"alpha={IDENTITY!r} keeps P = I, which needs φ_e = φ_d; give a ridge strength for two "
+                         f"backbones")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -317,20 +352,43 @@ def per_class_split(dataset: Dataset, images_per_class: int) -> Dataset:
     return out
 
 
-def validation_split(dataset: Dataset, images_per_class: int) -> Dataset:
-    """The last ``images_per_class`` images of every class of a training split: labelled real images to
-    choose the projector's ridge strength on, disjoint from :func:`per_class_split`'s first images whenever
-    a class has enough (the golden classifier, trained on the whole split, has seen them; the test split
-    stays unseen)."""
+_TRAINING_SPLITS = ("train", "trainval")
+
+
+def _split_name(dataset: Dataset) -> str | None:
+    """The ``split`` of a dataset or of the dataset under its Subsets (None when not recorded)."""
+    while not hasattr(dataset, "split") and isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "split", None)
+
+
+def _check_unseen(validation: Dataset, golden_train: Dataset | None = None) -> None:
+    """Refuse validation images the golden classifier trains on: a training split, or "val" when the golden
+    classifier trains on "trainval" (which holds it)."""
+    split, trained = _split_name(validation), None if golden_train is None else _split_name(golden_train)
+    if split in _TRAINING_SPLITS or (split == "val" and trained == "trainval"):
+        raise ValueError(f"the validation images come from the {split!r} split, which the golden classifier "
+                         f"(trained on {trained or 'train'!r}) sees; take them from data.load(name, 'val') and "
+                         f"train the golden classifier on 'train'")
+
+
+def validation_split(dataset: Dataset, images_per_class: int = 0) -> Dataset:
+    """The first ``images_per_class`` images of every class of a validation split (``data.load(name, "val")``;
+    0: all of it): labelled real images to choose the projector on that neither the golden classifier
+    (trained on ``"train"``) nor the test split contain. A training split is refused."""
     from . import data as data_mod
 
+    _check_unseen(dataset)
+    if images_per_class == 0:
+        return dataset
     targets = torch.as_tensor(dataset.targets)
     counts = torch.bincount(targets, minlength=len(dataset.classes))
-    if images_per_class < 1 or int(counts.min()) < images_per_class:
-        raise ValueError(f"a validation split of {images_per_class} images per class needs ≥ 1 and at most "
+    if images_per_class < 0 or int(counts.min()) < images_per_class:
+        raise ValueError(f"a validation split of {images_per_class} images per class needs ≥ 0 and at most "
                          f"the smallest class ({int(counts.min())} images); lower the number")
-    picks = [torch.nonzero(targets == c).flatten()[-images_per_class:] for c in range(len(dataset.classes))]
-    return data_mod.subset(dataset, torch.cat(picks).sort().values.tolist())
+    sub = data_mod.subset_per_class(dataset, images_per_class)
+    sub.split = _split_name(dataset)
+    return sub
 
 
 def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, *,
@@ -345,7 +403,7 @@ def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, 
     phi = backbone if isinstance(backbone, Backbone) else backbones_mod.load(backbone, ctx.backbone.device)
     train = per_class_split(ctx.train, images_per_class) if images_per_class else ctx.train
     st = stats_mod.cached_extract(phi, train, ctx.resolution, cache_features=True, progress=progress)
-    return Context(train, ctx.test, phi, st, ctx.resolution)
+    return Context(train, ctx.test, phi, st, ctx.resolution, ctx.image_size)
 
 
 # ------------------------------------------------------------------------------------------- comparison
@@ -357,8 +415,8 @@ def _projector_r2(clf: InheritedClassifier, z_e: Tensor, z_d: Tensor) -> float:
 
 def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], test: Dataset, resolution: int,
                pairs: Sequence[tuple], *, ipc: int = 1, views: int = 100,
-               alpha: float | Sequence[float] = DEFAULT_ALPHA, validation: Dataset | None = None, seed: int = 0,
-               probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
+               alpha: float | str | Sequence[float | str] = DEFAULT_ALPHA, validation: Dataset | None = None,
+               seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
                full_epochs: int = 10, progress: bool = False, keep: dict | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
@@ -367,14 +425,15 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     ``pairs``: (φ_d name, φ_e name) or (φ_d name, φ_e name, fit sets) with fit sets from :data:`FIT_SETS`
     (default ("distilled",)); "random" draws ``ipc`` real images per class (seed ``seed``), "centroids" takes
     the real images nearest the φ_d class means (:func:`sfm_lib.evaluate.centroid_subset`), both of the same
-    count as the distilled set when ``ipc`` matches it. ``alpha`` and ``validation`` (labelled real images,
-    e.g. :func:`validation_split` of the training split): how P's ridge strength is set, see :func:`inherit`.
+    count as the distilled set when ``ipc`` matches it. ``alpha`` and ``validation`` (labelled real images
+    the golden classifiers never saw, e.g. :func:`validation_split` of ``data.load(name, "val")``; a
+    training split is refused): how P is chosen, see :func:`inherit`.
 
     Rows per pair: ``inherited`` (one per fit set; golden = the full-data probe of φ_d, seed
     ``probe_seeds[0]``), ``normal probe`` (:func:`sfm_lib.evaluate.linear_probe` with φ_e on the distilled
     images) and ``full-data probe`` (φ_e, the ceiling). Columns: ``distill_backbone``, ``eval_backbone``,
     ``method``, ``fit_on``, ``top1``, ``top1_std`` (over probe seeds; 0 for one inherited classifier),
-    ``golden_top1``, ``alpha`` (P's ridge strength), ``projector_r2`` (1 − relative squared error of P(φ_e)
+    ``golden_top1``, ``alpha`` (P's ridge strength, or :data:`IDENTITY`), ``projector_r2`` (1 − relative squared error of P(φ_e)
     against φ_d on the test split),
     ``identity_gap`` (‖A − I‖_F / ‖I‖_F when φ_e = φ_d), ``storage_bytes`` (what must be kept: W, b and P
     in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``. ``keep``: a dict
@@ -396,6 +455,9 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
 
     test_feats = {name: features_mod.compute(sides[name].backbone, test, resolution, progress=progress)
                   for name in sides}
+    if validation is not None:
+        for side in sides.values():
+            _check_unseen(validation, side.train)
     val_feats = {name: (None if validation is None else
                         features_mod.compute(sides[name].backbone, validation, resolution, progress=progress))
                  for name in sides}

@@ -12,6 +12,7 @@ from sfm_lib.backbones import Backbone
 from sfm_lib.distill import DistilledSet
 from sfm_lib.inherit import (
     ALPHA_GRID,
+    IDENTITY,
     InheritedClassifier,
     comparison,
     compact,
@@ -303,7 +304,7 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
 
     from sfm_lib.cli import main
 
-    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))  # 300 train / 100 test images: fast full splits
+    monkeypatch.setenv("SFM_DATA", str(tiny_fmnist_dir))  # 270 train, 30 val, 100 test images: fast full splits
     with pytest.raises(SystemExit) as info:
         main(["inherit", "--help"])
     assert info.value.code == 0 and "--eval-backbone" in capsys.readouterr().out
@@ -315,16 +316,17 @@ def test_cli_inherit_writes_json_and_the_classifier(tmp_path, capsys, tiny_fmnis
                  {"backbone": "effnet_lite0", "method": "sfm", "ipc": 1, "dataset": "fashion_mnist"}).save(dpath)
     out, clf_path = tmp_path / "inherit.json", tmp_path / "clf.safetensors"
     common = ["inherit", "--distilled", str(dpath), "--resolution", "32", "--device", "cpu", "--views", "3",
-              "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1", "--val-per-class", "5"]
+              "--epochs", "3", "--probe-views", "2", "--seeds", "2", "--full-epochs", "1", "--val-per-class", "3"]
     assert main(common + ["--distill-backbone", "effnet_lite0", "--eval-backbone", "effnet_lite1",
                           "--json", str(out), "--save", str(clf_path)]) == 0
     got = json.loads(out.read_text())
     assert {"inherited", "normal_probe", "full_data", "storage_bytes"} <= got.keys()
     for key in ("inherited", "normal_probe", "full_data"):
         assert 0 <= got[key]["top1"] <= 100, key
-    assert got["inherited"]["eval_backbone"] == "effnet_lite1" and got["full_data"]["n_train"] == 300
-    scores = got["inherited"]["validation_top1"]  # α chosen on 5 training images per class
-    assert len(scores) == len(ALPHA_GRID) and got["inherited"]["n_validation"] == 50
+    assert got["inherited"]["eval_backbone"] == "effnet_lite1" and got["full_data"]["n_train"] == 270
+    scores = got["inherited"]["validation_top1"]  # α chosen on the 3 val images per class the golden never saw
+    assert len(scores) == len(ALPHA_GRID) - 1 and IDENTITY not in scores  # two backbones: no P = I
+    assert got["inherited"]["n_validation"] == 30
     assert scores[str(got["inherited"]["alpha"])] == max(scores.values())
     st = got["storage_bytes"]
     assert st["W"] == 10 * 1280 * 4 and st["P"] == (1280 * 1280 + 1280) * 4
@@ -376,7 +378,7 @@ def test_alpha_is_chosen_by_validation_top1_of_each_separately_fitted_classifier
 
     train, test = splits
     golden = golden_classifier(tiny, train, test, RES, epochs=2)
-    val = validation_split(train, 4)
+    val = validation_split(_dataset("val", 6, 2), 4)
     z_v, y_v = features.compute(mixed, val, RES, progress=False)
     grid = (1e-4, 0.1, 10.0, 1e3)
     alone = {a: inherit(golden, tiny, mixed, _distilled(train, 2), RES, views=4, alpha=a).accuracy(z_v, y_v)
@@ -389,15 +391,67 @@ def test_alpha_is_chosen_by_validation_top1_of_each_separately_fitted_classifier
         inherit(golden, tiny, mixed, _distilled(train, 2), RES, views=4, alpha=grid)
 
 
-def test_validation_split_takes_the_last_images_of_each_class(splits):
+def test_validation_split_takes_the_first_images_of_a_val_split_and_refuses_training_splits(splits):
     from sfm_lib import data
     from sfm_lib.inherit import validation_split
 
     train, _ = splits
-    val = validation_split(train, 3)
-    want = torch.cat([torch.nonzero(train.targets == c).flatten()[-3:] for c in range(C)]).sort().values
-    assert val.indices == want.tolist() and torch.equal(val.targets.bincount(), torch.full((C,), 3))
-    first = data.subset_per_class(train, 9)  # what per_class_split keeps: 12 per class, so disjoint
-    assert not set(first.indices) & set(val.indices)
+    val = _dataset("val", 6, 2)
+    sub = validation_split(val, 3)
+    want = torch.cat([torch.nonzero(val.targets == c).flatten()[:3] for c in range(C)]).sort().values
+    assert sub.indices == want.tolist() and torch.equal(sub.targets.bincount(), torch.full((C,), 3))
+    assert validation_split(val) is val  # 0: all of it
     with pytest.raises(ValueError, match="smallest class"):
-        validation_split(train, 13)
+        validation_split(val, 7)
+    for split in ("train", "trainval"):
+        other = _dataset(split, 6, 2)
+        with pytest.raises(ValueError, match=f"the {split!r} split, which the golden classifier"):
+            validation_split(other, 3)
+        with pytest.raises(ValueError, match="data.load\\(name, 'val'\\)"):
+            validation_split(data.subset(other, [0, 1]), 1)  # also under a Subset
+
+
+def test_the_identity_candidate_gives_the_golden_classifier_exactly_on_one_backbone(tiny, mixed, splits):
+    """φ_e = φ_d: P = I is a candidate, and when the validation images choose it the inherited classifier is the
+    golden one bit for bit (its logits, its test top-1); for two backbones it is never tried."""
+    from sfm_lib import features
+
+    train, test = splits
+    golden = golden_classifier(tiny, train, test, RES, epochs=5, batch_size=16, lr=1e-2)
+    W, b = golden.weights[0][0], golden.weights[1][0]
+    val = _dataset("val", 6, 2)
+    z_v, y_v = features.compute(tiny, val, RES, progress=False)
+    # α = 1e6 shrinks A to 0 (every image gets the mean's class): the identity wins on merit, not on order
+    clf = inherit(golden, tiny, tiny, _distilled(train, 2), RES, views=4, alpha=(1e6, IDENTITY),
+                  validation=(z_v, y_v))
+    assert clf.meta["alpha"] == IDENTITY and set(clf.meta["validation_top1"]) == {1e6, IDENTITY}
+    assert clf.meta["validation_top1"][IDENTITY] > clf.meta["validation_top1"][1e6]
+    z, y = features.compute(tiny, test, RES, progress=False)
+    assert torch.equal(clf.project(z), z) and torch.equal(clf.logits(z), z @ W.T + b)
+    assert clf.accuracy(z, y) == golden.top1[0]
+    assert clf.storage_bytes()["P"] == 0  # nothing to keep besides W and b
+    # another Backbone object with the same identity is the same φ
+    twin = _backbone()
+    assert inherit(golden, tiny, twin, _distilled(train), RES, views=2, alpha=IDENTITY).meta["alpha"] == IDENTITY
+    # two backbones: the identity is skipped, and alone it is an error
+    z_m, y_m = features.compute(mixed, val, RES, progress=False)
+    other = inherit(golden, tiny, mixed, _distilled(train), RES, views=2, alpha=ALPHA_GRID[:2],
+                    validation=(z_m, y_m))
+    assert list(other.meta["validation_top1"]) == [ALPHA_GRID[1]]
+    with pytest.raises(ValueError, match="needs φ_e = φ_d"):
+        inherit(golden, tiny, mixed, _distilled(train), RES, views=2, alpha=IDENTITY)
+    with pytest.raises(ValueError, match="neither a number nor 'identity'"):
+        inherit(golden, tiny, tiny, _distilled(train), RES, views=2, alpha=("idnetity", 0.1), validation=(z_v, y_v))
+
+
+def test_comparison_refuses_validation_images_the_golden_classifier_trains_on(tiny, splits):
+    from types import SimpleNamespace
+
+    train, test = splits
+    dset = _distilled(train)
+    for golden_on, val_split in (("train", "train"), ("trainval", "val")):
+        side = SimpleNamespace(backbone=tiny, train=_dataset(golden_on, 12, 0), stats=None)
+        with pytest.raises(ValueError, match=f"trained on '{golden_on}'"):
+            comparison({"tiny": side}, {"tiny": dset}, test, RES, [("tiny", "tiny")], views=2, alpha=ALPHA_GRID,
+                       validation=_dataset(val_split, 3, 2), probe_seeds=(0,), epochs=1, probe_views=1,
+                       full_epochs=1)
