@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 from .utils import atomic_path
 
-__all__ = ["BUILD_ENV", "build_dir", "Card", "Text", "glue", "peak_rss_bytes", "machine", "commit",
+__all__ = ["BUILD_ENV", "build_dir", "Card", "Text", "glue", "peak_rss_bytes", "machine", "describe_machine", "commit",
            "format_seconds", "format_bytes", "downloads", "results", "tiny_times", "export"]
 
 BUILD_ENV = "SFM_BOOK_BUILD"
@@ -72,17 +72,18 @@ class Text(str):
         p.text(str(self))
 
 
-def glue(name: str, value: Any, fmt: str | None = None) -> Text:
+def glue(name: str, value: Any, fmt: str | None = None) -> None:
     """Glue ``value`` (formatted with ``fmt``, e.g. ``".1f"``) under ``name`` for ``{glue}`name``` in the
-    prose, without showing it in the cell; returns the text. Outside a notebook kernel nothing is shown."""
+    prose, without showing it in the cell (and returning nothing, so a cell may end with it). Outside a
+    notebook kernel it does nothing."""
     _check_name(name, "glue name")
     text = Text(format(value, fmt) if fmt else str(value))
     try:
         from IPython import get_ipython
     except ImportError:
-        return text
+        return
     if get_ipython() is None:
-        return text
+        return
     try:
         from myst_nb import glue as _glue
     except ImportError:  # Colab and plain Jupyter: the same display record, nothing visible
@@ -90,9 +91,8 @@ def glue(name: str, value: Any, fmt: str | None = None) -> Text:
 
         display({"application/papermill.record/text/plain": str(text)}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
-        return text
+        return
     _glue(name, text, display=False)
-    return text
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -207,10 +207,10 @@ class Card:
         plots.watch_labels()
         self.record: dict[str, Any] | None = None
 
-    def finish(self, headline: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def finish(self, headline: Mapping[str, Any] | None = None) -> None:
         """Stop the clock; glue ``card_time``, ``card_memory``, ``card_machine``, ``card_date``,
-        ``card_tiny``; write ``<build>/cards/<chapter>.json``; return the record. ``headline``: the
-        chapter's main numbers (name → value) for the results page."""
+        ``card_tiny``; write ``<build>/cards/<chapter>.json`` (also kept as :attr:`record`).
+        ``headline``: the chapter's main numbers (name → value) for the results page."""
         wall = time.perf_counter() - self.started
         peak = peak_rss_bytes()
         where = machine()
@@ -226,7 +226,6 @@ class Card:
         glue("card_machine", describe_machine(where))
         glue("card_date", self.date.strftime("%Y-%m-%d"))
         glue("card_tiny", tiny_text(tiny))
-        return self.record
 
 
 def _json_value(v: Any) -> Any:
@@ -348,7 +347,8 @@ def _toc_chapters(root: Path) -> list[str]:
 
 
 def results(folder: str | os.PathLike | None = None, root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What the results page shows: per chapter of ``_toc.yml`` that left a card in this build, its card
+    """What the results page shows: per chapter of ``_toc.yml`` (of ``root``; default: the book the
+    working folder belongs to, else this checkout) that left a card in this build, its card
     (wall time, peak memory, machine, date, commit, headline) and its recorded tables (name → DataFrame),
     in book order."""
     import pandas as pd
@@ -356,7 +356,10 @@ def results(folder: str | os.PathLike | None = None, root: str | os.PathLike | N
     from .repro import _tables, repository_root
 
     folder = Path(folder) if folder is not None else build_dir()
-    root = Path(root or repository_root())
+    if root is None:  # the book being built: the chapters run in book/, below its _toc.yml
+        root = next((p for p in (Path.cwd().parent, Path.cwd()) if (p / "_toc.yml").is_file()),
+                    repository_root())
+    root = Path(root)
     found = {}
     for stem in _toc_chapters(root):
         card = folder / "cards" / f"{stem}.json"

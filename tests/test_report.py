@@ -35,7 +35,8 @@ def build(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ glue, formats
 def test_glued_text_displays_without_quotes():
-    text = report.glue("top1", 72.345, ".1f")  # no kernel here: returns the text, shows nothing
+    assert report.glue("top1", 72.345, ".1f") is None  # no kernel here: does nothing
+    text = report.Text(format(72.345, ".1f"))
     assert text == "72.3" and repr(text) == "72.3"
     with pytest.raises(ValueError, match="glue name"):
         report.glue("has space", 1)
@@ -59,7 +60,8 @@ def test_the_card_measures_time_and_peak_memory_and_collects_the_tables(build):
     assert Path(repro.os.environ[repro.RESULTS_ENV]) == (build / "results" / "03_evaluation").resolve()
     repro.record("summary", {"top1": 71.5})
     time.sleep(0.3)
-    record = card.finish(headline={"SFM top-1 (%)": torch.tensor(71.5)})
+    card.finish(headline={"SFM top-1 (%)": torch.tensor(71.5)})
+    record = card.record
     assert 0.3 <= record["wall_s"] < 60
     assert 0 < record["peak_rss_bytes"] <= report.peak_rss_bytes()  # the high-water mark so far
     assert record["headline"] == {"SFM top-1 (%)": 71.5}
