@@ -514,8 +514,10 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
 def summary(table: "pd.DataFrame") -> "pd.DataFrame":
     """One row per (φ_d, φ_e) pair of a :func:`comparison` table: top-1 of the inherited classifier per fit
     set (``inherited``, ``inherited_random``, ``inherited_centroids`` where present), the ``normal_probe``,
-    the ``full_data`` probe on φ_e, ``of_full_data`` = 100 · inherited / full_data and ``over_normal`` =
-    inherited − normal_probe (points)."""
+    the ``full_data`` probe on φ_e, ``of_full_data`` = 100 · inherited / full_data, ``over_normal`` =
+    inherited − normal_probe and, where P was also fitted on random real images (the same count when
+    :func:`comparison`'s ``ipc`` is the distilled set's), the gain over random ``over_random`` = inherited −
+    inherited_random (points)."""
     import pandas as pd
 
     rows = []
@@ -529,6 +531,8 @@ def summary(table: "pd.DataFrame") -> "pd.DataFrame":
         if "inherited" in row:
             row["of_full_data"] = 100.0 * row["inherited"] / row["full_data"]
             row["over_normal"] = row["inherited"] - row["normal_probe"]
+            if "inherited_random" in row:
+                row["over_random"] = row["inherited"] - row["inherited_random"]
         rows.append(row)
     return pd.DataFrame(rows)
 

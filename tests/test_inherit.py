@@ -253,6 +253,8 @@ def test_comparison_rows(tiny, mixed, splits):
     summ = summary(df)
     assert list(summ["eval_backbone"]) == ["tiny", "tiny_mixed"]
     assert summ.iloc[0]["inherited_random"] == df.iloc[1]["top1"]
+    assert summ.iloc[0]["over_random"] == pytest.approx(df.iloc[0]["top1"] - df.iloc[1]["top1"])
+    assert math.isnan(summ.iloc[1]["over_random"])  # no P fitted on random images for that pair
     assert summ.iloc[1]["over_normal"] == pytest.approx(df.iloc[5]["top1"] - df.iloc[6]["top1"])
     assert summ.iloc[0]["of_full_data"] == pytest.approx(100 * df.iloc[0]["top1"] / df.iloc[4]["top1"])
     import matplotlib
