@@ -14,8 +14,9 @@ resident memory of its kernel (``getrusage``: the high-water mark of the process
 glues them as ``card_time``, ``card_memory`` and ``card_machine`` for the card at the top of the page
 (myst-nb resolves a glue name anywhere on the page, so the card may show what is measured at the end).
 
-Where the book's records go: ``$SFM_BOOK_BUILD`` or ``_build`` in the notebook's working folder (the
-chapters run in ``book/``, so ``book/_build/``, which git ignores):
+Where the book's records go (:func:`build_dir`): ``$SFM_BOOK_BUILD``, or ``_build`` in the notebook's
+working folder (the chapters run in ``book/``, so ``book/_build/``, which git ignores); under ``python -m
+sfm_lib repro --out OUT``, ``OUT``:
 
 - ``cards/<chapter>.json``: wall time, peak memory, machine, date, commit, headline numbers;
 - ``results/<chapter>/<table>.json``: the tables the chapter passed to :func:`sfm_lib.repro.record`
@@ -51,8 +52,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def build_dir() -> Path:
-    """``$SFM_BOOK_BUILD``, else ``_build`` in the working folder (a chapter runs in ``book/``)."""
-    return Path(os.environ.get(BUILD_ENV) or "_build")
+    """``$SFM_BOOK_BUILD``; else, where ``$SFM_RESULTS`` is set (``<folder>/<tables>/<chapter>``: by a
+    :class:`Card`, or by ``python -m sfm_lib repro`` as ``OUT/tables/<chapter>``), two levels above it; else
+    ``_build`` in the working folder (a chapter runs in ``book/``)."""
+    from .repro import RESULTS_ENV
+
+    if os.environ.get(BUILD_ENV):
+        return Path(os.environ[BUILD_ENV])
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).resolve().parents[1]
+    return Path("_build")
 
 
 def _check_name(name: str, what: str) -> str:

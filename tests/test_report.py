@@ -84,11 +84,14 @@ def test_the_peak_memory_is_the_high_water_mark_of_the_process():
     assert peaks[1] - peaks[0] >= 190 << 20, peaks
 
 
-def test_a_card_keeps_the_folder_of_the_reproduction_runner(build, tmp_path, monkeypatch):
-    runner = tmp_path / "runner"
+def test_a_card_keeps_the_folder_of_the_reproduction_runner(tmp_path, monkeypatch):
+    runner = tmp_path / "out" / "tables" / "01_statistics"  # what `repro` sets
+    monkeypatch.delenv(report.BUILD_ENV, raising=False)
     monkeypatch.setenv(repro.RESULTS_ENV, str(runner))
-    report.Card("01_statistics")
+    card = report.Card("01_statistics")
+    card.finish()
     assert repro.os.environ[repro.RESULTS_ENV] == str(runner)
+    assert (tmp_path / "out" / "cards" / "01_statistics.json").is_file()  # beside the run's tables
 
 
 def test_a_new_card_drops_the_tables_of_an_earlier_build(build):
@@ -301,3 +304,17 @@ def test_the_accuracy_against_storage_figure_has_no_overlapping_labels(agg):
     assert _drawn_warnings(fig) == []
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "inherited, P fitted on random real images" in labels and len(labels) == 3 + 5
+
+
+def test_glue_in_a_kernel_records_plain_text_and_shows_nothing(tmp_path):
+    """What myst-nb reads for {glue}`name`: a hidden display record of the text, without quotes."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from sfm_lib import report\n"
+                                          "report.glue('sfm_top1', 72.345, '.1f')")]
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    (output,) = nb.cells[0].outputs
+    assert output.metadata["scrapbook"]["name"] == "sfm_top1"
+    assert output.data == {"application/papermill.record/text/plain": "72.3"}  # nothing a reader sees
