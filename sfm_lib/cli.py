@@ -310,10 +310,12 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     phi_e = phi_d if same else backbones.load(a.eval_backbone, a.device)
     full_kw = dict(seeds=(0,), epochs=a.full_epochs)
     golden = inherit.golden_classifier(phi_d, train, test, a.resolution, **full_kw)
-    alphas = _floats(a.alpha, "--alpha") if a.alpha else inherit.ALPHA_GRID
+    alphas = ([v if v == inherit.IDENTITY else _floats(v, "--alpha")[0] for v in _split(a.alpha)] if a.alpha
+              else inherit.ALPHA_GRID)
     validation = None
     if len(alphas) > 1:
-        val = inherit.validation_split(whole_train, a.val_per_class)
+        val = inherit.validation_split(data.load(a.dataset, "val", root=a.data_root, download=a.download),
+                                       a.val_per_class)
         validation = features.compute(phi_e, val, a.resolution, progress=False)
     clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alphas,
                           validation=validation)
@@ -358,9 +360,11 @@ def _inherit_parser(sub) -> None:
     p.add_argument("--views", type=int, default=100, help="augmented views per distilled image to fit the projector")
     p.add_argument("--alpha", default=None,
                    help="relative ridge strength of the projector, or several (comma-separated) to choose from "
-                        "on --val-per-class labelled training images (default: sfm_lib.inherit.ALPHA_GRID)")
+                        "on --val-per-class images of the validation split; 'identity' keeps P = I when both backbones "
+                        "are one (default: sfm_lib.inherit.ALPHA_GRID)")
     p.add_argument("--val-per-class", type=int, default=100,
-                   help="last N training images per class that choose --alpha (never the test split)")
+                   help="first N images per class of the validation split that choose --alpha (0: all); never "
+                        "seen by the golden classifier, never the test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the projector's views")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds of the normal probe")
     p.add_argument("--epochs", type=int, default=1000, help="epochs of the normal probe")

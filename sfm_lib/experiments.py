@@ -34,7 +34,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
              "noise": {"init": "noise"}},
     "noise": {"no noise": {"noise_p": 0.0}, "noise p=0.5": {"noise_p": 0.5}},
     "crop": {"crop area 30-100%": {"crop_scale": 0.3}, "crop area 8-100%": {"crop_scale": 0.08}},
-    "param": {"pixels": {"param": "pixels"}, "pyramid": {"param": "pyramid"}},
+    "param": {"pixels": {"param": "pixels", "lr": distill.DEFAULT_LR["pixels"]},
+              "pyramid": {"param": "pyramid", "lr": distill.DEFAULT_LR["pyramid"]}},  # each at its own rate
     "loss": {"flow (SFM)": {"loss": "flow"}, "class-mean MSE (decoupled)": {"loss": "mse"}},
     "subclass": {"class targets": {"subclass": False}, "sub-class targets": {"subclass": True}},
     "ipc": {"IPC 1": {"ipc": 1}, "IPC 10": {"ipc": 10}},
@@ -44,13 +45,18 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
 
 @dataclass
 class Context:
-    """A chapter's data, frozen backbone and class statistics."""
+    """A chapter's data, frozen backbone and class statistics. ``resolution`` is the backbone's input size
+    (statistics, probes, test images); ``image_size`` that of the synthetic images (0: the same; the papers
+    distil 256 px images and feed 224 px crops). ``val``: the validation split (held out of ``train``;
+    every choice is made on it, every reported number on ``test``)."""
 
     train: Dataset
     test: Dataset
     backbone: backbones.Backbone
     stats: stats.ClassStats
     resolution: int
+    image_size: int = 0
+    val: Dataset | None = None
 
     def __repr__(self) -> str:
         return (f"{self.train.name}: {len(self.train)} train / {len(self.test)} test images, "
@@ -59,9 +65,12 @@ class Context:
 
 def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", resolution: int = 64,
             images_per_class: int = 0, device: str = "auto", download: bool = False,
-            kmeans_k: int = 0, progress: bool = True) -> Context:
+            kmeans_k: int = 0, progress: bool = True, *, crop: int = 0, pretrained: bool = True) -> Context:
     """Load train/test data, the frozen backbone and its class statistics (computed once, then cached).
 
+    ``resolution``: the synthetic images' size; ``crop`` (0: ``resolution``) the backbone's input size, at
+    which the statistics and every probe are computed. ``pretrained=False``: random backbone weights (cost
+    checks and miniature runs only).
     ``images_per_class > 0`` keeps only the first N training images of each class (quick runs).
     ``kmeans_k > 0`` adds K k-means centres per class, fitted on the cached features (sub-class targets).
     ``progress``: show a progress bar while the statistics are computed.
@@ -69,16 +78,18 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
     """
     download = download or "google.colab" in sys.modules
     train = data.load(dataset, "train", download=download)
+    val = data.load(dataset, "val", download=download)
     test = data.load(dataset, "test", download=download)
     if images_per_class:
         train = data.subset_per_class(train, images_per_class)
-    phi = backbones.load(backbone, resolve_device(device))
-    st = stats.cached_extract(phi, train, resolution, cache_features=True, progress=progress)
+    phi = backbones.load(backbone, resolve_device(device), pretrained=pretrained)
+    size = crop or resolution
+    st = stats.cached_extract(phi, train, size, cache_features=True, progress=progress)
     if kmeans_k:
-        feats, labels = features.compute(phi, train, resolution)
+        feats, labels = features.compute(phi, train, size)
         st = dataclasses.replace(st, centres=stats.class_centres(feats, labels, st.num_classes, kmeans_k),
                                  meta={**st.meta, "kmeans_k": kmeans_k})
-    return Context(train, test, phi, st, resolution)
+    return Context(train, test, phi, st, size, resolution, val)
 
 
 def _shorthands(kwargs: dict[str, Any], train: Dataset, crop_scale: float | None, noise_p: float | None) -> None:
@@ -129,7 +140,7 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     if len(contexts) > 1 and method != "sfm":
         raise ValueError(f"several backbones work with method='sfm' only, got {method!r}")
     ctx = contexts[0]
-    kwargs.setdefault("resolution", ctx.resolution)
+    kwargs.setdefault("resolution", ctx.image_size or ctx.resolution)
     kwargs.setdefault("progress", False)
     _shorthands(kwargs, ctx.train, crop_scale, noise_p)
     source = stats if method == "sfm" else ctx.train
@@ -161,7 +172,7 @@ def step_seconds(ctx: Context | Sequence[Context], *, steps: int = 6, repeats: i
     import statistics
 
     contexts, phi, stats = _contexts(ctx)
-    kwargs.setdefault("resolution", contexts[0].resolution)
+    kwargs.setdefault("resolution", contexts[0].image_size or contexts[0].resolution)
     kwargs.update(steps=steps, progress=False, checkpoint=None)
     _shorthands(kwargs, contexts[0].train, crop_scale, noise_p)
     if kwargs.get("init") == "centroids":

@@ -29,7 +29,8 @@ def declared():
 
 def test_every_preset_holds_only_chapter_parameters_with_their_types(declared):
     """Each key is a parameter of some chapter, and its value has the type that chapter declares."""
-    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[str]": list}
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[int]": list, "list[str]": list,
+             "dict": dict, "list": list}
     assert {"tiny", "cpu-default"} <= set(repro.presets(ROOT))
     for name in repro.presets(ROOT):
         _, params = repro.load_preset(name, ROOT)
@@ -43,18 +44,58 @@ def test_the_papers_presets_cover_the_papers_settings():
     names = set(repro.presets(ROOT))
     timm = {"dinov2": "vit_base_patch14_dinov2.lvd142m", "clip": "vit_base_patch16_clip_224.openai",
             "eva02": "eva02_base_patch14_224.mim_in22k"}
-    paper = recipes.get("paper")
     for ds, folder in [("in100", "imagenet100"), ("in1k", "imagenet1k")]:
         for short, model in timm.items():
             for ipc in (1, 10):
                 _, p = repro.load_preset(f"{ds}-{short}-ipc{ipc}", ROOT)
                 names.discard(f"{ds}-{short}-ipc{ipc}")
                 assert p["dataset"] == f"imagefolder:/path/to/{folder}" and p["backbone"] == model
-                assert p["ipc"] == ipc and p["steps"] == 5000 and p["resolution"] == 224
-                assert {k: p[k] for k in ["augs", "ema", "param", "init", "crop_scale", "noise_p"]} == {
-                    k: getattr(paper, k) for k in ["augs", "ema", "param", "init", "crop_scale", "noise_p"]}
+                assert p["ipc"] == ipc and p["steps"] == 5000 and p["recipe"] == "paper"
+                assert (p["resolution"], p["crop"], p["pretrained"]) == (256, 224, True)
+                assert p["probe_seeds"] == [3407, 3408, 3409, 3410, 3411]  # the papers' five probes
+                assert p["two_pass"] is (ds == "in1k" and ipc == 10)
                 assert set(p["eval_backbones"]) == set(timm.values()) - {model}
+                assert p["lgm_augs"] == (3 if ds == "in1k" else 10)
     assert names == {"tiny", "cpu-default"}
+
+
+def _chapter_values(notebook: Path, preset: dict) -> dict:
+    """A chapter's parameters as papermill would set them: its defaults, then the preset's keys it declares."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    return {**{k: eval(v["default"]) for k, v in declared.items()}, **{k: v for k, v in preset.items() if k in declared}}
+
+
+def test_every_chapter_builds_the_config_of_distill_preset_paper_for_every_imagenet_preset():
+    """Field by field: the DistillConfig a chapter builds from an ImageNet preset (recipes.run of its recipe
+    parameters, the way every distilling chapter calls it) equals the one `distill --preset paper` builds
+    for the same setting (ipc, 256 px images, 224 px crops, two-pass as the preset says)."""
+    import dataclasses
+
+    from sfm_lib import distill
+
+    def comparable(config):
+        return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint", "progress")}
+
+    distilling = [nb for nb in repro.chapters(ROOT) if "recipes.run(recipe, recipe_overrides" in nb.read_text()]
+    assert [nb.stem[:2] for nb in distilling] == ["02", "03", "04", "05"]
+    for name in repro.presets(ROOT):
+        if not name.startswith("in"):
+            continue
+        _, preset = repro.load_preset(name, ROOT)
+        argv = ["distill", "--preset", "paper", "--stats", "s", "--out", "o", "--ipc", str(preset["ipc"]),
+                "--resolution", "256", "--crop", "224"] + (["--two-pass"] if preset["two_pass"] else [])
+        a = cli.build_parser().parse_args(argv)
+        expected = comparable(distill._config(cli._distill_kwargs(a)))
+        assert expected["lr"] == 2e-3 and expected["param"] == "pyramid" and expected["crop"] == 224
+        for nb in distilling:
+            v = _chapter_values(nb, preset)
+            run = recipes.run(v["recipe"], v["recipe_overrides"], steps=v["steps"], crop=v["crop"],
+                              two_pass=v["two_pass"] or None, chunk_size=v["chunk_size"])
+            kwargs = {**run.sfm_kwargs(), "ipc": v["ipc"] if "ipc" in v else preset["ipc"],
+                      "resolution": v["resolution"], "seed": 0}
+            assert comparable(distill._config(kwargs)) == expected, (name, nb.stem)
 
 
 def test_the_cpu_default_preset_is_the_chapters_defaults(declared):
@@ -93,12 +134,12 @@ def test_unknown_keys_are_refused_before_anything_runs(tmp_path, capsys):
 def test_values_of_the_wrong_type_are_refused(tmp_path, capsys, declared):
     # --chapters 09 (no such chapter) is checked last: were the check missing, nothing would run either
     assert cli.main(["repro", "tiny", "--out", str(tmp_path / "o"), "-p", "steps", "many", "-p", "ablations",
-                     "loss", "-p", "probe_seeds", "[0, 1]", "-p", "ema", "1", "--chapters", "09"]) == 2
+                     "loss", "-p", "probe_seeds", "[0, 1]", "-p", "sigmas", "[0, 1]", "--chapters", "09"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: wrong type given with -p: steps = 'many' (02_flow_matching declares int)")
     assert "ablations = 'loss' (03_evaluation declares list[str])" in err
-    assert "probe_seeds" not in err and "ema" not in err  # a list of ints; an int where a float is declared
-    repro.check_types({"download": True, "resolution": 64, "noise_p": 0, "eval_backbones": ["a"]}, declared)
+    assert "probe_seeds" not in err and "sigmas" not in err  # a list of ints; ints where floats are declared
+    repro.check_types({"download": True, "resolution": 64, "sigmas": [0], "eval_backbones": ["a"]}, declared)
     with pytest.raises(ValueError, match="download = 1"):
         repro.check_types({"download": 1}, declared)
     assert not (tmp_path / "o").exists()
