@@ -1,17 +1,19 @@
 """One streaming pass of a frozen backbone over a dataset, and an on-disk cache of its features.
 
-The pass never holds the images in memory: batches of uint8 images are fed to the backbone's device
-(pinned host memory and non-blocking copies on CUDA), turned into floats in [0, 1] there, and φ runs
-under ``torch.inference_mode``; the caller consumes the features batch by batch.
+The pass never holds the images in memory: batches are fed to the backbone's device (pinned host memory and
+non-blocking copies on CUDA) and φ runs under ``torch.inference_mode``; the caller consumes the features
+batch by batch.
 
 - In-memory datasets (Fashion-MNIST, CIFAR, or subsets of them): uint8 slices, resized per batch on the
-  device.
-- Image folders (mixed sizes): the DataLoader workers decode each file to uint8 and take its centre
-  square (exact in uint8). On CUDA these crops are copied as uint8 and resized on the device, one
-  batched resize per distinct crop size; on the CPU the workers resize them (in parallel). Both do what
-  :func:`backbones.square_resize` does on the float image, so the features are those of the float path.
-  (Rounding the resized image to uint8 in the workers instead would change Lite0 features at 32 px by up
-  to 6 %: the backbone is that sensitive to ±0.5/255 per pixel.)
+  device, no workers (a worker would only add copies).
+- Image folders (mixed sizes, :func:`folder_batches`): DataLoader workers (by default one per core this
+  process may use, :func:`default_workers`) decode each file (:func:`read_image`: JPEGs with
+  ``torchvision.io.decode_jpeg``, which gives PIL's pixels bit for bit, everything else with PIL) and make
+  the loop's input there, by the one reference computation of :func:`sfm_lib.data.real_images`
+  (float in [0, 1], centre square, bilinear resize, :func:`sfm_lib.data.square_resize`), on the CPU
+  whatever the backbone's device, so the features never depend on a device's resize. Each worker prepares
+  ``prefetch`` batches ahead; on CUDA they come from pinned memory. :data:`LOADER` names this method in
+  the feature cache key.
 - Any other dataset of float images: a DataLoader with a per-image crop and resize in float.
 
 Files that cannot be decoded stop the pass with :class:`sfm_lib.data.BadImageError` (one line naming the
@@ -19,22 +21,29 @@ file), or are skipped and reported with ``skip_bad=True``.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import cache
-from .backbones import Backbone, square_resize
-from .data import BadImageError, ImageFolderDataset, TensorImageDataset
+from .backbones import Backbone
+from .data import BadImageError, ImageFolderDataset, TensorImageDataset, square_resize
 from .utils import load_tensors, save_tensors
 
-__all__ = ["iterate", "stream", "Batch", "FeatureTable", "compute", "store", "cache_path", "dataset_key", "default_workers"]
+__all__ = ["iterate", "stream", "Batch", "FeatureTable", "compute", "store", "cache_path", "dataset_key",
+           "default_workers", "available_cores", "read_image", "folder_batches", "folder_of", "LOADER"]
 
+LOADER = "pil-pixels/cpu-square-resize/1"
+"""How image-folder files become the backbone's input (decoded pixels as PIL gives them, resized on the CPU
+by :func:`sfm_lib.data.square_resize` in float); part of the feature cache key. Change it whenever that
+computation changes."""
 
-_RESIZE_ON_DEVICE: bool | None = None  # image folders: None = on CUDA only (tests set it to cover both)
+_JPEG_MAGIC = (0xFF, 0xD8, 0xFF)
 
 
 class Batch(NamedTuple):
@@ -47,70 +56,114 @@ class Batch(NamedTuple):
     skipped: list[str]
 
 
-def _folder_of(dataset: Dataset) -> tuple[ImageFolderDataset, list[int] | None] | None:
-    """The image folder behind ``dataset`` (itself or a Subset of it) and the subset indices, else None."""
-    if isinstance(dataset, ImageFolderDataset):
-        return dataset, None
-    if isinstance(dataset, torch.utils.data.Subset) and isinstance(dataset.dataset, ImageFolderDataset):
-        return dataset.dataset, list(dataset.indices)
-    return None
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
-class _DecodeFolder(Dataset):
-    """Items ``start..`` of an image folder as (image, label, bad-file note or None): the image is the
-    uint8 centre square ``[3, s, s]``, or, with ``resize``, that square resized to ``[3, r, r]`` float."""
+def default_workers(dataset: Dataset) -> int:
+    """0 for in-memory tensor datasets (a worker would only add copies), else one decoding worker per core
+    this process may use, shared among the processes of one node under torchrun (``LOCAL_WORLD_SIZE``)."""
+    if getattr(dataset, "image_size", None) is not None:
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, available_cores() // local)
 
-    def __init__(self, folder: ImageFolderDataset, indices: list[int] | None, start: int, resolution: int,
-                 resize: bool):
-        self.folder, self.indices, self.start, self.resolution = folder, indices, start, resolution
-        self.resize = resize
-        self.n = (len(folder) if indices is None else len(indices)) - start
+
+def folder_of(dataset: Dataset) -> tuple[ImageFolderDataset, list[int] | None] | None:
+    """The image folder behind ``dataset`` (itself or Subsets of it, nested or not) and the folder index of
+    every item of ``dataset`` (None: the folder itself), else None."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        inner = [int(i) for i in dataset.indices]
+        indices = inner if indices is None else [inner[i] for i in indices]
+        dataset = dataset.dataset
+    return (dataset, indices) if isinstance(dataset, ImageFolderDataset) else None
+
+
+def read_image(folder: ImageFolderDataset, i: int) -> torch.Tensor:
+    """File ``i`` of ``folder`` as uint8 ``[3, H, W]``, the pixels of :meth:`ImageFolderDataset.read_uint8`:
+    JPEGs by ``torchvision.io.decode_jpeg`` in RGB mode (grey, RGB and CMYK files give PIL's pixels bit for
+    bit, tests/test_loaders.py), every other file, and any JPEG torchvision refuses, by PIL (which raises
+    :class:`BadImageError` naming an unreadable file)."""
+    io = _torchvision_io()
+    if io is not None:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 warns that its decoders move to torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                raw = io.read_file(str(folder.files[i]))
+                if raw.numel() > 3 and tuple(raw[:3].tolist()) == _JPEG_MAGIC:
+                    return io.decode_jpeg(raw, mode=io.ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+    return folder.read_uint8(i)
+
+
+@functools.cache
+def _torchvision_io():
+    """``torchvision.io``, or None where it cannot be imported (imported once, before workers fork)."""
+    try:
+        import torchvision.io
+    except ImportError:
+        return None
+    return torchvision.io
+
+
+class _FolderImages(Dataset):
+    """Item i of an image folder (``indices`` maps it to a file) as (image, label, None), the image exactly
+    as :func:`sfm_lib.data.real_images` makes it (float [3, r, r] in [0, 1]), or (None, label, (path,
+    cause)) for a file that cannot be decoded."""
+
+    def __init__(self, folder: ImageFolderDataset, indices: list[int] | None, resolution: int):
+        self.folder, self.indices, self.resolution = folder, indices, resolution
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.folder) if self.indices is None else len(self.indices)
 
     def __getitem__(self, i: int):
-        j = self.start + i
-        j = j if self.indices is None else self.indices[j]
+        j = i if self.indices is None else self.indices[i]
         label = int(self.folder.targets[j])
         try:
-            img = self.folder.read_uint8(j)
+            img = read_image(self.folder, j)
         except BadImageError as err:  # reported by the main process: a worker's raise carries its traceback
             return None, label, (err.path, err.cause)
-        h, w = img.shape[-2:]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        img = img[:, top:top + side, left:left + side].contiguous()
-        if self.resize:
-            img = square_resize(img.float() / 255.0, self.resolution)
-        return img, label, None
+        return square_resize(img.float() / 255.0, self.resolution), label, None
 
 
 def _collate_folder(items):
-    """(images: one tensor if all have one size, else a list; labels [B]; items consumed; bad files)."""
+    """(images [B, 3, r, r], labels [B], items consumed, bad files (path, cause)) of one batch."""
     good = [(img, y) for img, y, bad in items if bad is None]
     bad = [b for _, _, b in items if b is not None]
-    images = [img for img, _ in good]
-    if images and all(img.shape == images[0].shape for img in images):
-        images = torch.stack(images)
+    images = torch.stack([img for img, _ in good]) if good else torch.empty(0)
     return images, torch.tensor([y for _, y in good], dtype=torch.long), len(items), bad
 
 
-def _to_device(images: torch.Tensor | list[torch.Tensor], resolution: int, device: torch.device) -> torch.Tensor:
-    """A batch onto ``device`` as float [B, 3, H, W] in [0, 1] (non-blocking copies). A list of uint8
-    squares of several sizes is resized there, one batched resize per size (bitwise as one by one)."""
-    if isinstance(images, torch.Tensor):
-        x = images.to(device, non_blocking=True)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    out = torch.empty(len(images), 3, resolution, resolution, device=device)
-    by_side: dict[int, list[int]] = {}
-    for k, img in enumerate(images):
-        by_side.setdefault(img.shape[-1], []).append(k)
-    for ks in by_side.values():
-        x = torch.stack([images[k].to(device, non_blocking=True) for k in ks]).float().div_(255.0)
-        out[torch.tensor(ks, device=device)] = square_resize(x, resolution)
-    return out
+def folder_batches(dataset: Dataset, batches: Iterable[Sequence[int]], resolution: int,
+                   num_workers: int | None = None, pin_memory: bool = False, prefetch: int = 2
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[tuple[str, str]]]]:
+    """For each list of item positions in ``batches`` (any iterable, endless ones too) of an image folder or
+    a Subset of one: (images float [B, 3, r, r] as :func:`sfm_lib.data.real_images` makes them, labels [B],
+    items consumed, unreadable files as (path, cause)). ``num_workers`` DataLoader workers (default:
+    :func:`default_workers`) decode and resize, ``prefetch`` batches each ahead of the consumer;
+    ``pin_memory``: batches in pinned host memory (for non-blocking copies to CUDA)."""
+    found = folder_of(dataset)
+    if found is None:
+        raise ValueError(f"folder_batches needs an image folder (or a Subset of one), got {type(dataset).__name__}")
+    workers = default_workers(dataset) if num_workers is None else num_workers
+    _torchvision_io()  # forked workers inherit the import (about 1 s each otherwise)
+    extra = {"prefetch_factor": prefetch} if workers > 0 else {}
+    return iter(DataLoader(_FolderImages(found[0], found[1], resolution), batch_sampler=batches,
+                           num_workers=workers, pin_memory=pin_memory, collate_fn=_collate_folder, **extra))
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto ``device`` as float [B, 3, H, W] in [0, 1] (non-blocking copy; uint8 scaled there)."""
+    x = images.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 class _SquareResize(Dataset):
@@ -125,13 +178,6 @@ class _SquareResize(Dataset):
     def __getitem__(self, i: int):
         img, label = self.dataset[self.start + i]
         return square_resize(img, self.resolution), label
-
-
-def default_workers(dataset: Dataset) -> int:
-    """0 for in-memory tensor datasets (a worker would only add copies), else up to 4 decoding workers."""
-    if getattr(dataset, "image_size", None) is not None:
-        return 0
-    return min(4, os.cpu_count() or 1)
 
 
 def stream(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,
@@ -152,7 +198,7 @@ def stream(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: in
                 path, cause = bad[0]
                 raise BadImageError(path, cause, "pass skip_bad=True (--skip-bad) to skip unreadable files")
             if len(labels):
-                feats = backbone.features(_to_device(images, resolution, dev), resolution)
+                feats = backbone.features(_to_device(images, dev), resolution)
             else:
                 feats = torch.empty(0, backbone.feature_dim, device=dev)
             yield Batch(feats, labels.to(dev, non_blocking=True), consumed, [p for p, _ in bad])
@@ -194,12 +240,10 @@ def _batches(dataset: Dataset, resolution: int, batch_size: int, num_workers: in
         return
     workers = default_workers(dataset) if num_workers is None else num_workers
     pin = device.type == "cuda"
-    folder = _folder_of(dataset)
-    if folder is not None:
-        on_device = device.type == "cuda" if _RESIZE_ON_DEVICE is None else _RESIZE_ON_DEVICE
-        source = _DecodeFolder(folder[0], folder[1], start, resolution, resize=not on_device)
-        yield from DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
-                              pin_memory=pin, collate_fn=_collate_folder)
+    if folder_of(dataset) is not None:
+        n = len(dataset)
+        batches = (range(s, min(s + batch_size, n)) for s in range(start, n, batch_size))
+        yield from folder_batches(dataset, batches, resolution, workers, pin_memory=pin)
         return
     for images, labels in DataLoader(_SquareResize(dataset, resolution, start), batch_size=batch_size,
                                      shuffle=False, num_workers=workers, pin_memory=pin):
@@ -222,7 +266,7 @@ def cache_path(backbone: Backbone, dataset: Dataset, resolution: int) -> Path | 
     if key is None:
         return None
     return cache.entry("features", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
-                       resolution=resolution)
+                       resolution=resolution, loader=LOADER)
 
 
 def compute(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: int = 256,

@@ -398,7 +398,7 @@ def cached_extract(backbone: Backbone, dataset: Dataset, resolution: int, **kwar
     settings = {k: v for k, v in bound.arguments.items()
                 if k not in ("backbone", "dataset", "resolution") + _RESULT_NEUTRAL}
     path = cache.entry("stats", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
-                       resolution=resolution, settings=settings)
+                       resolution=resolution, settings=settings, loader=features_mod.LOADER)
     if path.is_file():
         return ClassStats.load(path)
     result = extract(backbone, dataset, resolution, **kwargs)
