@@ -1,7 +1,8 @@
 """Cost benchmarks that print ratios measured in one run (machines are noisy: compare within a run).
 
-- :func:`stats_throughput`: the statistics pass against the backbone's forward-only throughput at the
-  same batch size and resolution (is the data pipeline the bottleneck?).
+- :func:`stats_throughput`: the statistics pass against its two halves, making the batches (decoding, all
+  workers) and the backbone's forward on them, at the same batch size and resolution (is the data pipeline
+  the bottleneck?); :func:`jpeg_folder` writes an ImageNet-like JPEG folder to run it on.
 - :func:`step_cost`: time and peak memory of one SFM step (one- or two-pass) for any backbone, class
   count, IPC and image size, with random statistics and optionally random weights (cost does not depend
   on weight values) — the papers' ImageNet-scale settings on a GPU.
@@ -15,6 +16,7 @@ import statistics as pystats
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +26,7 @@ from .backbones import Backbone
 from .data import TensorImageDataset
 from .objectives import LGMObjective
 
-__all__ = ["stats_throughput", "step_cost", "method_step", "methods_cost", "methods_table",
+__all__ = ["stats_throughput", "jpeg_folder", "step_cost", "method_step", "methods_cost", "methods_table",
            "synthetic_real_dataset", "METHOD_CONFIGS"]
 
 
@@ -34,50 +36,130 @@ def _sync(device: torch.device) -> None:
 
 
 def stats_throughput(backbone: Backbone, dataset, resolution: int, images: int = 4096, batch_size: int = 256,
-                     repeats: int = 2, checkpoint_every: int = 0) -> dict[str, Any]:
-    """Images/s of ``stats.extract`` on ``images`` real images vs φ on a fixed in-memory batch; best of
-    ``repeats`` for each, measured alternately in the same process.
+                     repeats: int = 2, checkpoint_every: int = 0, num_workers: int | None = None
+                     ) -> dict[str, Any]:
+    """Images/s of the statistics pass over ``images`` real images (the first of each class) and of its two
+    halves, best of ``repeats`` rounds for each, measured alternately in the same process:
+
+    - ``decode_img_s``: the pass's batches made (decoded and resized by all ``num_workers`` workers,
+      default :func:`sfm_lib.features.default_workers`; in-memory data: uint8 slices), no forward;
+    - ``forward_img_s``: φ alone on the same batches, decoded beforehand and held on the device;
+    - ``pipeline_img_s``: ``stats.extract``, the real pass;
+    - ``ratio`` = pipeline / min(decode, forward): 1 when the pass runs as fast as its slower half.
 
     ``checkpoint_every`` = N > 0 also times the pass with a checkpoint every N batches (written to a
     temporary folder) in the same rounds: ``checkpoint_ratio`` = its throughput / the plain pass's.
     """
     import tempfile
-    from pathlib import Path
+
+    from . import features
 
     per_class = max(1, images // len(dataset.classes))
     sub = data.subset_per_class(dataset, per_class)
-    x = torch.rand(batch_size, 3, resolution, resolution, device=backbone.device)
-    batches = max(1, len(sub) // batch_size)
+    dev = backbone.device
+    workers = features.default_workers(sub) if num_workers is None else num_workers
     with torch.inference_mode():
-        backbone(backbone.preprocess(x, resolution))  # warm-up
-    fwd, ext, ckp = [], [], []
+        backbone(backbone.preprocess(torch.rand(batch_size, 3, resolution, resolution, device=dev), resolution))
+    dec, fwd, ext, ckp = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            _sync(backbone.device)
+            t0 = time.perf_counter()
+            made = [b[0] for b in features._batches(sub, resolution, batch_size, workers, dev)]
+            dec.append(len(sub) / (time.perf_counter() - t0))
+            held = [features._to_device(x, dev) for x in made]
+            del made
+            _sync(dev)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                for _ in range(batches):
-                    backbone(backbone.preprocess(x, resolution))
-            _sync(backbone.device)
-            fwd.append(batches * batch_size / (time.perf_counter() - t0))
+                for x in held:
+                    backbone.features(x, resolution)
+            _sync(dev)
+            fwd.append(sum(len(x) for x in held) / (time.perf_counter() - t0))
+            del held
             t0 = time.perf_counter()
-            stats.extract(backbone, sub, resolution, batch_size=batch_size, progress=False)
-            _sync(backbone.device)
+            stats.extract(backbone, sub, resolution, batch_size=batch_size, num_workers=workers, progress=False)
+            _sync(dev)
             ext.append(len(sub) / (time.perf_counter() - t0))
             if checkpoint_every:
                 t0 = time.perf_counter()
-                stats.extract(backbone, sub, resolution, batch_size=batch_size, progress=False,
-                              checkpoint=Path(tmp) / f"bench{r}.ckpt", checkpoint_every=checkpoint_every)
-                _sync(backbone.device)
+                stats.extract(backbone, sub, resolution, batch_size=batch_size, num_workers=workers,
+                              progress=False, checkpoint=Path(tmp) / f"bench{r}.ckpt",
+                              checkpoint_every=checkpoint_every)
+                _sync(dev)
                 ckp.append(len(sub) / (time.perf_counter() - t0))
     row = {"backbone": backbone.name, "resolution": resolution, "batch_size": batch_size, "images": len(sub),
-           "forward_img_s": round(max(fwd), 1), "extract_img_s": round(max(ext), 1),
-           "ratio": round(max(ext) / max(fwd), 3), "device": str(backbone.device),
-           "threads": torch.get_num_threads()}
+           "dataset": getattr(dataset, "name", None), "decode_img_s": round(max(dec), 1),
+           "forward_img_s": round(max(fwd), 1), "pipeline_img_s": round(max(ext), 1),
+           "ratio": round(max(ext) / min(max(dec), max(fwd)), 3), "workers": workers,
+           "cores": features.available_cores(), "loader": features.LOADER, "device": str(dev),
+           "threads": torch.get_num_threads(), "repeats": repeats}
     if checkpoint_every:
         row.update(checkpoint_every=checkpoint_every, checkpoint_img_s=round(max(ckp), 1),
                    checkpoint_ratio=round(max(ckp) / max(ext), 3))
     return row
+
+
+def jpeg_folder(path: str | Path, classes: int = 10, per_class: int = 40, seed: int = 0,
+                test_per_class: int | None = None) -> Path:
+    """Write an ImageNet-like image folder: ``path/train/<class>/*.JPEG`` (``per_class`` each) and
+    ``path/test/<class>/*.JPEG`` (``test_per_class``, default max(1, per_class // 5)); returns ``path``.
+
+    Each image: short side uniform in 333–500 px, aspect ratio (long/short) uniform in 1–4/3, landscape or
+    portrait, JPEG quality 90 (4:2:0). Content: random crops of scikit-image's sample photos when
+    scikit-image is installed, else smooth random images (bicubically enlarged random colour grids at two
+    scales, plus a per-class tint), so files decode like photos of that size. Reproducible from ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(path)
+    rng = np.random.default_rng(seed)
+    photos = _sample_photos()
+    test_per_class = max(1, per_class // 5) if test_per_class is None else test_per_class
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tint = np.random.default_rng([seed, c]).integers(-40, 40, 3)
+            for k in range(n):
+                short = int(rng.integers(333, 501))
+                long = int(round(short * rng.uniform(1.0, 4.0 / 3.0)))
+                w, h = (long, short) if rng.random() < 0.5 else (short, long)
+                if photos:
+                    im = _photo_crop(photos[int(rng.integers(len(photos)))], w, h, rng)
+                else:
+                    coarse = Image.fromarray(rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8))
+                    fine = Image.fromarray(rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8))
+                    im = Image.blend(coarse.resize((w, h), Image.BICUBIC), fine.resize((w, h), Image.BICUBIC), 0.3)
+                arr = np.clip(np.asarray(im, dtype=np.int16) + tint, 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{split}_{c:03d}_{k:05d}.JPEG", quality=90)
+    return root
+
+
+def _sample_photos() -> list:
+    """scikit-image's colour sample photos as uint8 [H, W, 3] arrays, or [] without scikit-image."""
+    try:
+        import skimage.data as sk
+    except ImportError:
+        return []
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry"):
+        img = getattr(sk, name, None)
+        if img is not None:
+            arr = img()
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                out.append(arr)
+    return out
+
+
+def _photo_crop(photo, w: int, h: int, rng):
+    """A random crop of ``photo`` with aspect w:h (as large as a random fraction ≥ 0.5 allows), resized to w × h."""
+    from PIL import Image
+
+    H, W = photo.shape[:2]
+    scale = rng.uniform(0.5, 1.0) * min(W / w, H / h)
+    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+    x0, y0 = int(rng.integers(0, W - cw + 1)), int(rng.integers(0, H - ch + 1))
+    return Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BICUBIC)
 
 
 def _random_stats(backbone: Backbone, num_classes: int) -> stats.ClassStats:
