@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from . import distributed, flow
+from . import distributed, features, flow
 from .augment import Augment
 from .backbones import Backbone
-from .data import real_images
+from .data import BadImageError, real_images
 from .stats import ClassStats
 
 __all__ = ["ViewLayout", "SFMObjective", "MultiBackbone", "MultiSFMObjective", "LGMObjective", "RealStream",
@@ -372,11 +372,19 @@ class RealStream:
     """An endless, reproducible stream of real training images: each epoch a fresh permutation drawn from
     (``seed``, pool, epoch), consumed in order; a batch may run into the next epoch. ``balanced=False``: one
     pool of every image (shuffled, classes as they come); ``balanced=True``: one pool per class and
-    ``batch_size // C`` images of each class per batch. The position (epoch, index per pool) is the state."""
+    ``batch_size // C`` images of each class per batch. The position (epoch, index per pool) is the state.
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, balanced: bool = False):
+    Image folders: :meth:`next` reads from a prefetching loader (:func:`sfm_lib.features.folder_batches`):
+    ``num_workers`` DataLoader workers (None: :func:`sfm_lib.features.default_workers`; 0: read in this
+    process) decode and resize the next batches, each split in one piece per worker, while the current step
+    runs; the loader follows a copy of the position, so its batches are those of :meth:`next_indices`, and
+    it is rebuilt from the position after :meth:`load_state_dict`. In-memory data: one vectorised gather."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, balanced: bool = False,
+                 num_workers: int | None = None, prefetch: int = 2, pin_memory: bool = False):
         targets = torch.as_tensor(dataset.targets, dtype=torch.long)
         self.dataset, self.batch_size, self.seed, self.balanced = dataset, int(batch_size), int(seed), balanced
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, int(prefetch), bool(pin_memory)
         C = len(dataset.classes)
         if balanced:
             if batch_size % C:
@@ -393,6 +401,7 @@ class RealStream:
         self.targets = targets
         self.position = torch.zeros(len(self.pools), 2, dtype=torch.long)  # (epoch, index) per pool
         self._perm: dict[int, tuple[int, Tensor]] = {}
+        self._ahead: tuple[tuple[int, int, int], Any, int] | None = None  # ((r, lo, hi), loader, pieces per batch)
 
     def _permutation(self, p: int, epoch: int) -> Tensor:
         cached = self._perm.get(p)
@@ -418,10 +427,40 @@ class RealStream:
             self.position[p] = torch.tensor([epoch, pos])
         return torch.cat(out)
 
-    def next(self, resolution: int) -> tuple[Tensor, Tensor]:
-        """Next batch: images [B, 3, r, r] (CPU, float in [0, 1]) and labels [B]."""
+    def _workers(self) -> int:
+        if features.folder_of(self.dataset) is None:
+            return 0
+        return features.default_workers(self.dataset) if self.num_workers is None else int(self.num_workers)
+
+    def _pieces(self, lo: int, hi: int, pieces: int):
+        """Rows lo … hi−1 of every batch from the current position on, each batch in ``pieces`` lists."""
+        twin = RealStream.__new__(RealStream)
+        twin.__dict__.update(self.__dict__, position=self.position.clone(), _perm={}, _ahead=None)
+        while True:
+            rows = twin.next_indices()[lo:hi]
+            yield from (part.tolist() for part in torch.tensor_split(rows, pieces))
+
+    def next(self, resolution: int, rows: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Next batch: images [hi − lo, 3, r, r] of its rows ``rows`` = (lo, hi) (default: all; CPU, float
+        in [0, 1], as :func:`sfm_lib.data.real_images` makes them) and the labels [B] of the whole batch."""
+        lo, hi = rows if rows is not None else (0, self.batch_size)
+        workers = self._workers()
+        if workers == 0:
+            idx = self.next_indices()
+            return _gather(self.dataset, idx[lo:hi], resolution), self.targets[idx]
+        key = (resolution, lo, hi)
+        if self._ahead is None or self._ahead[0] != key:
+            pieces = max(1, min(workers, hi - lo))
+            loader = features.folder_batches(self.dataset, self._pieces(lo, hi, pieces), resolution, workers,
+                                             pin_memory=self.pin_memory, prefetch=self.prefetch)
+            self._ahead = (key, loader, pieces)
+        _, loader, pieces = self._ahead
+        parts = [next(loader) for _ in range(pieces)]
         idx = self.next_indices()
-        return _gather(self.dataset, idx, resolution), self.targets[idx]
+        bad = [b for part in parts for b in part[3]]
+        if bad:
+            raise BadImageError(*bad[0], "LGM's real batches need readable files: remove it or pass a dataset without it")
+        return torch.cat([part[0] for part in parts]), self.targets[idx]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"position": self.position.clone()}
@@ -431,6 +470,7 @@ class RealStream:
         if pos.shape != self.position.shape:
             raise ValueError(f"stream position of shape {tuple(pos.shape)} does not fit {len(self.pools)} pool(s)")
         self.position = pos.clone().long()
+        self._ahead = None  # the loader ran ahead of another position: start one from this position
 
 
 def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
@@ -444,17 +484,20 @@ class LGMObjective:
 
     1. a fresh head W ~ N(0, ``head_std``²) [C, D], b = 0, from the objective's own generator;
     2. a real batch of ipc·A·C training images from a :class:`RealStream` (shuffled; ``balanced``: the same
-       number per class), each augmented once, features without a graph; g_real = ∂CE/∂(W, b);
+       number per class; image folders: prefetched by ``num_workers`` workers), each augmented once,
+       features without a graph, ``chunk_size`` images per forward (None: 256); g_real = ∂CE/∂(W, b);
     3. on the A·N synthetic views z: g_syn = ∂CE/∂(W, b) with ``create_graph``;
     4. L = 1 − cos(vec g_real, vec g_syn).
 
+    Under torchrun each rank reads, augments and forwards only its block of the real batch
+    (:func:`sfm_lib.distributed.block`); the features are summed over ranks (:func:`_all_rows`).
     State for resume: the generator (heads and real-batch augmentation) and the stream position."""
 
     method = "lgm"
 
     def __init__(self, dataset: Dataset, backbone: Backbone, *, ipc: int = 1, augs: int = 10,
                  resolution: int = 64, crop: int | None = None, augment: Augment | None = None,
-                 head_std: float = 0.01, balanced: bool = False, seed: int = 0):
+                 head_std: float = 0.01, balanced: bool = False, seed: int = 0, num_workers: int | None = None):
         if head_std < 0:
             raise ValueError(f"head_std must be ≥ 0, got {head_std}")
         if not hasattr(dataset, "targets") or not hasattr(dataset, "classes"):
@@ -466,8 +509,10 @@ class LGMObjective:
         self.augment = augment or Augment()
         self.head_std, self.balanced, self.seed = float(head_std), bool(balanced), int(seed)
         self.device = backbone.device
-        self.stream = RealStream(dataset, ipc * augs * self.num_classes, seed=seed, balanced=balanced)
+        self.stream = RealStream(dataset, ipc * augs * self.num_classes, seed=seed, balanced=balanced,
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda")
         self.generator = torch.Generator(device=self.device).manual_seed(_seed_of(seed, "lgm"))
+        self.chunk_size: int | None = None  # images per real forward (None: 256); the loop's memory plan sets it
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.g_real: Tensor | None = None
@@ -477,27 +522,35 @@ class LGMObjective:
         return {"head_std": self.head_std, "balanced": self.balanced, "real_augment": asdict(self.augment),
                 **_dataset_identity(self.dataset)}
 
-    def real_batch(self) -> tuple[Tensor, Tensor]:
-        """The next real batch, augmented once per image, on the device: views [B, 3, crop, crop], labels."""
-        x, y = self.stream.next(self.resolution)
-        x = x.to(self.device, non_blocking=True)
-        params = self.augment.sample(len(x), self.generator)
-        return self.augment.apply(x, params, self.crop), y.to(self.device, non_blocking=True)
+    def real_features(self, backbone: Backbone | None = None) -> tuple[Tensor, Tensor]:
+        """The next real batch, each image augmented once, through φ without a graph in chunks: features of
+        rows [lo, hi) = :func:`distributed.block` (B) of the batch (all rows in one process) and the labels
+        [B] of the whole batch, on the device. The augmentation is drawn for the whole batch on every rank."""
+        backbone = backbone or self.backbone
+        B = self.stream.batch_size
+        lo, hi = distributed.block(B)
+        x, y = self.stream.next(self.resolution, (lo, hi))
+        params = self.augment.sample(B, self.generator).select(slice(lo, hi))
+        step = self.chunk_size or 256
+        parts = []
+        with torch.no_grad():
+            for s in range(0, hi - lo, step):
+                views = self.augment.apply(x[s:s + step].to(self.device, non_blocking=True),
+                                           params.select(slice(s, s + step)), self.crop)
+                parts.append(backbone(backbone.preprocess(views, self.crop)))
+        z = torch.cat(parts) if parts else torch.empty(0, backbone.feature_dim, device=self.device)
+        return z, y.to(self.device, non_blocking=True)
 
     def begin_step(self, backbone: Backbone | None = None) -> None:
         """Draw the head and the real batch; g_real = ∂CE/∂(W, b) on the real features (no graph)."""
-        backbone = backbone or self.backbone
         D = self.backbone.feature_dim
         self.weight = self.head_std * torch.randn(self.num_classes, D, generator=self.generator, device=self.device)
         self.bias = torch.zeros(self.num_classes, device=self.device)
-        views, y = self.real_batch()
-        with torch.no_grad():
-            if distributed.world_size() > 1:  # every rank drew the same batch; each forwards its block
-                lo, hi = distributed.block(len(y))
-                z = backbone(backbone.preprocess(views[lo:hi], self.crop))
+        z, y = self.real_features(backbone)
+        if distributed.world_size() > 1:  # each rank forwarded its block of the batch
+            lo, hi = distributed.block(len(y))
+            with torch.no_grad():
                 z = _all_rows(z, torch.arange(lo, hi, device=z.device), len(y))
-            else:
-                z = backbone(backbone.preprocess(views, self.crop))
         gw, gb = head_gradient(z, y, self.weight, self.bias)
         self.g_real = torch.cat([gw.flatten(), gb]).detach()
 
