@@ -96,10 +96,19 @@ def read_image(folder: ImageFolderDataset, i: int) -> torch.Tensor:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 raw = io.read_file(str(folder.files[i]))
                 if raw.numel() > 3 and tuple(raw[:3].tolist()) == _JPEG_MAGIC:
-                    return io.decode_jpeg(raw, mode=io.ImageReadMode.RGB)
+                    img = io.decode_jpeg(raw, mode=io.ImageReadMode.RGB)
+                    if img.shape[1] * img.shape[2] <= 2 * _max_pixels():
+                        return img  # else PIL refuses it as a decompression bomb, as it refuses it there
         except RuntimeError:
             pass
     return folder.read_uint8(i)
+
+
+def _max_pixels() -> float:
+    """PIL's limit beyond which it refuses an image as a decompression bomb (at twice this many pixels)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or float("inf")
 
 
 @functools.cache

@@ -57,6 +57,16 @@ def test_torchvision_jpeg_decoding_gives_the_pil_pixels(mixed_jpegs):
         assert got.dtype == torch.uint8 and got.shape == ref.shape and torch.equal(got, ref), path.name
 
 
+def test_a_decompression_bomb_is_refused_as_pil_refuses_it(mixed_jpegs, monkeypatch):
+    ds = _folder(mixed_jpegs)
+    i = [p.name for p in ds.files].index("rgb420.jpg")  # 101 × 77 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 101 * 77 // 2 - 1)
+    with pytest.raises(data.BadImageError, match="DecompressionBombError"):
+        features.read_image(ds, i)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 101 * 77 // 2 + 1)
+    assert features.read_image(ds, i).shape == (3, 101, 77)
+
+
 def test_torchvision_is_the_path_taken_for_jpegs(mixed_jpegs, monkeypatch):
     # The equality above would hold trivially if every file fell back to PIL: count the PIL reads.
     ds = _folder(mixed_jpegs)
