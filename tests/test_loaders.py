@@ -223,3 +223,18 @@ def test_lgm_on_a_jpeg_folder_stopped_and_resumed_is_bit_identical(jpeg_train, l
     resumed = run(checkpoint=tmp_path / "part.pt", resume=True)
     assert torch.equal(resumed.images, full.images)
     assert resumed.meta["loss_history"] == full.meta["loss_history"]
+
+
+def test_cli_bench_stats_on_an_image_folder_writes_the_json(tmp_path, capsys):
+    from sfm_lib.cli import main
+
+    root = bench.jpeg_folder(tmp_path / "jpegs", classes=2, per_class=6, seed=0)
+    out = tmp_path / "s.json"
+    assert main(["bench", "stats", "--dataset", f"imagefolder:{root}", "--resolution", "32", "--images", "8",
+                 "--batch-size", "4", "--workers", "1", "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    for key in ("decode_img_s", "forward_img_s", "pipeline_img_s", "ratio", "workers", "backbone", "resolution",
+                "device", "images"):
+        assert key in row, key
+    assert row["workers"] == 1 and row["dataset"] == f"imagefolder:{root.resolve()}"
+    assert "decode only" in capsys.readouterr().out
