@@ -101,7 +101,7 @@ def _recipe(a: argparse.Namespace):
     """The preset (default: the book's recipe) with every recipe flag that was given replacing its value."""
     from . import recipes
 
-    augs = a.augs if a.augs is not None or a.method == "sfm" else 10  # LGM's own default: 10 views
+    augs = a.augs if a.augs is not None or a.method != "lgm" else 10  # LGM's own default: 10 views
     return recipes.get(a.preset, steps=a.steps, augs=augs, ema=a.ema, init=a.init, crop_scale=a.crop_scale,
                        noise_p=a.noise_p, param=a.param, lr=a.lr, schedule=a.schedule, grow_every=a.grow_every)
 
@@ -127,7 +127,7 @@ def _distill_kwargs(a: argparse.Namespace, setting=None) -> dict:
     and the checkpoint path): what ``--preset paper`` builds and what the chapters must build for the same
     setting (tests/test_repro.py compares the two)."""
     setting = setting or _run(a)
-    kw = setting.sfm_kwargs() if a.method == "sfm" else setting.lgm_kwargs()
+    kw = setting.sfm_kwargs() if a.method == "sfm" else setting.lgm_kwargs()  # clp: no running average either
     return {**kw, "ipc": a.ipc, "resolution": a.resolution, "seed": a.seed,
             "checkpoint_every": a.checkpoint_every, "resume": a.resume}
 
@@ -139,10 +139,13 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     if a.method == "lgm" and a.stats:
         raise CliError("--method lgm matches gradients on real images: pass --dataset (the training set), "
                        "not --stats")
+    if a.method == "clp" and a.stats:
+        raise CliError("--method clp reads the cached features of the real images of --dataset: pass --dataset "
+                       "(the training set), not --stats")
     if a.method == "sfm" and not a.stats:
         raise CliError("--method sfm needs --stats FILE (class statistics from `python -m sfm_lib stats`)")
     if a.method == "lgm" and len(names) > 1:
-        raise CliError("several backbones work with --method sfm only")
+        raise CliError("several backbones work with --method sfm or clp only")
     if a.method == "sfm" and len(names) != len(stats_files):
         raise CliError(f"--backbone names {len(names)} backbone(s) but --stats {len(stats_files)} file(s); give "
                        f"one statistics file per backbone, paired in order (--backbone A,B --stats a.st,b.st)")
@@ -153,7 +156,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
             raise CliError(f"--backbone-weights gives {len(weights)} weight(s) for {len(names)} backbone(s)")
     setting = _run(a)
     r = setting.recipe
-    if a.method == "lgm" and a.ema:
+    if a.method != "sfm" and a.ema:
         raise CliError("--ema is a setting of --method sfm (the running average of its class means)")
     print(f"recipe: {setting.describe()}")
     sts = [stats.ClassStats.load(f) for f in stats_files] if a.method == "sfm" else []
@@ -162,7 +165,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
             raise CliError(f"--init real takes images from --dataset {a.dataset}, but {path} holds statistics "
                            f"of {st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bbs = [backbones.load(n, a.device) for n in names]
-    needs_data = r.init == "real" or a.method == "lgm"
+    needs_data = r.init == "real" or a.method in ("lgm", "clp")
     with distributed.main_first():  # a download happens once
         train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
@@ -172,6 +175,12 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
         result = distill.sfm(bbs if len(bbs) > 1 else bbs[0], sts if len(sts) > 1 else sts[0], loss=a.loss,
                              subclass=a.subclass, **multi, **kw, **common)
+    elif a.method == "clp":
+        from . import clp
+
+        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
+        result = clp.clp(bbs if len(bbs) > 1 else bbs[0], train, ridge=a.ridge, tau=a.tau, real_batch=a.real_batch,
+                         **multi, **kw, **common)
     else:
         result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
     result.meta["recipe"] = {"name": r.name, **r.settings()}
@@ -416,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun too (each process forwards the views of a block of classes; same "
                                    "result).")
     _common(p)
-    p.add_argument("--method", default="sfm", choices=["sfm", "lgm"],
+    p.add_argument("--method", default="sfm", choices=["sfm", "lgm", "clp"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
-                        "images of --dataset")
+                        "images of --dataset; clp: the closed-form linear probe (CLP-DD) scored on the cached "
+                        "features of --dataset")
     p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`; several "
                    "backbones: one file per --backbone, comma-separated in the same order")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
@@ -454,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-std", type=float, default=0.01, help="lgm: std of the random head W (b = 0)")
     p.add_argument("--balanced", action="store_true", help="lgm: class-balanced real batches (default shuffled)")
+    p.add_argument("--ridge", type=float, default=0.01, help="clp: ridge of the kernel probe, relative to tr(K)/M")
+    p.add_argument("--tau", type=float, default=0.1, help="clp: temperature of the cross-entropy on real features")
+    p.add_argument("--real-batch", type=int, default=2048, help="clp: real features per step")
     p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-bounded backward, same gradient (default: automatic on CUDA, off on CPU)")
     p.add_argument("--chunk-size", type=int, default=None,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from . import backbones, cache, data, distill, evaluate, features, stats
+from . import backbones, cache, clp, data, distill, evaluate, features, stats
 from .augment import Augment
 from .utils import resolve_device
 
@@ -115,7 +115,8 @@ def _contexts(ctx: Context | Sequence[Context]) -> tuple[list[Context], Any, Any
     return contexts, [c.backbone for c in contexts], [c.stats for c in contexts]
 
 
-_SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm)}
+_METHODS = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp}
+_SIGNATURES = {name: inspect.signature(fn) for name, fn in _METHODS.items()}
 
 
 def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_scale: float | None = None,
@@ -158,7 +159,7 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     if kwargs.get("init") == "centroids":
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
         kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
-    result = getattr(distill, method)(phi, source, **kwargs)
+    result = _METHODS[method](phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)
     return result

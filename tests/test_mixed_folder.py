@@ -50,7 +50,11 @@ def test_every_command_runs_on_the_mixed_folder(folder, tmp_path, capsys):
     assert main(["distill", *common, "--stats", str(st), "--steps", "2", "--init", "real", "--out", str(sfm)]) == 0
     assert main(["distill", *common, "--method", "lgm", "--steps", "2", "--augs", "1", "--init", "real",
                  "--out", str(lgm)]) == 0
-    for path in (sfm, lgm):
+    clp = tmp_path / "clp.safetensors"
+    assert main(["distill", *common, "--method", "clp", "--steps", "2", "--init", "real", "--real-batch", "16",
+                 "--out", str(clp)]) == 0
+    assert DistilledSet.load(clp).meta["method"] == "clp"
+    for path in (sfm, lgm, clp):
         d = DistilledSet.load(path)
         assert d.images.shape == (3, 3, RES, RES) and torch.isfinite(d.images).all()
     probe = ["--seeds", "1", "--epochs", "2", "--views", "2"]
