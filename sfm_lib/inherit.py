@@ -403,7 +403,7 @@ def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, 
     phi = backbone if isinstance(backbone, Backbone) else backbones_mod.load(backbone, ctx.backbone.device)
     train = per_class_split(ctx.train, images_per_class) if images_per_class else ctx.train
     st = stats_mod.cached_extract(phi, train, ctx.resolution, cache_features=True, progress=progress)
-    return Context(train, ctx.test, phi, st, ctx.resolution, ctx.image_size)
+    return Context(train, ctx.test, phi, st, ctx.resolution, ctx.image_size, ctx.val)
 
 
 # ------------------------------------------------------------------------------------------- comparison
