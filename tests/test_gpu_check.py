@@ -145,3 +145,9 @@ def test_an_unknown_check_name_says_which_names_exist(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and not list(tmp_path.iterdir())
     assert "unknown check(s) nope; choose from bench_step, bench_methods" in run.stderr.strip().splitlines()[-1]
+
+
+def test_a_check_after_the_budget_is_spent_is_reported_not_run(tmp_path):
+    check = gc.Check("late", [[sys.executable, "-c", "pass"]], tmp_path / "x.json", str, limit=60)
+    record = gc.run_check(check, gc._env(tmp_path), tmp_path / "log", time.perf_counter(), "cpu", judged=False)
+    assert record["status"] == "not run" and "--budget" in record["reason"] and not record["commands"]
