@@ -62,7 +62,9 @@ def overlapping_labels(fig, renderer=None) -> list[tuple[str, str]]:
     if renderer is None:
         fig.canvas.draw_without_rendering() if hasattr(fig.canvas, "draw_without_rendering") else None
         renderer = fig.canvas.get_renderer()
+    hidden = _undrawn_tick_labels(fig)
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and t.get_alpha() != 0
+             and id(t) not in hidden
              and (t.axes is None or t.get_clip_on() is False or _inside_axes(t, renderer))]
     boxes = [(t, _text_box(t, renderer)) for t in texts]
     found = []
@@ -71,6 +73,22 @@ def overlapping_labels(fig, renderer=None) -> list[tuple[str, str]]:
             if _polygons_overlap(a, b):
                 found.append((t.get_text(), u.get_text()))
     return found
+
+
+def _undrawn_tick_labels(fig) -> set[int]:
+    """Ids of the tick labels a draw leaves out: matplotlib keeps label objects of ticks outside the view
+    interval (visible, at stale positions) but does not draw them."""
+    hidden = set()
+    for ax in fig.axes:
+        for axis in ax._axis_map.values() if hasattr(ax, "_axis_map") else (ax.xaxis, ax.yaxis):
+            try:
+                drawn = set(map(id, axis._update_ticks()))
+            except Exception:  # a private helper; without it every label counts
+                continue
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if id(tick) not in drawn:
+                    hidden.update({id(tick.label1), id(tick.label2)})
+    return hidden
 
 
 def _inside_axes(text, renderer) -> bool:
