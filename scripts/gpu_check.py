@@ -486,7 +486,7 @@ def work_two_pass(out: str, device: str, backbone: str, classes: int, ipc: int, 
 
     dev = torch.device(device)
     bb = backbones.load(backbone, dev, pretrained=False)
-    st = bench._random_stats(bb, classes)
+    st = bench.random_stats(bb, classes)
     sizes = images.pyramid_sizes(resolution)
     steps = GROW_EVERY * (len(sizes) - 1) + STEPS_AT_LAST_LEVEL
     recipe = recipes.get("paper", steps=steps, grow_every=GROW_EVERY)

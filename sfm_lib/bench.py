@@ -162,7 +162,7 @@ def _photo_crop(photo, w: int, h: int, rng):
     return Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BICUBIC)
 
 
-def _random_stats(backbone: Backbone, num_classes: int) -> stats.ClassStats:
+def random_stats(backbone: Backbone, num_classes: int) -> stats.ClassStats:
     C, D = num_classes, backbone.feature_dim
     return stats.ClassStats(torch.randn(C, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
                             torch.ones(C, dtype=torch.long), [str(c) for c in range(C)], {"backbone": backbone.name})
@@ -193,7 +193,7 @@ def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, 
     cfg = distill.DistillConfig(ipc=ipc, steps=warmup + steps, resolution=resolution, crop=crop, augs=augs,
                                 param=param, two_pass=two_pass, chunk_size=chunk_size, progress=False)
     if method == "sfm":
-        objective = distill.SFMObjective(_random_stats(backbone, num_classes), dev, ipc=ipc)
+        objective = distill.SFMObjective(random_stats(backbone, num_classes), dev, ipc=ipc)
     elif method == "lgm":
         if dataset is None:
             dataset = synthetic_real_dataset(num_classes, 2 * ipc * augs * num_classes, resolution)

@@ -158,7 +158,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     r = setting.recipe
     if a.method != "sfm" and a.ema:
         raise CliError("--ema is a setting of --method sfm (the running average of its class means)")
-    print(f"recipe: {setting.describe()}")
+    _say(f"recipe: {setting.describe()}")
     sts = [stats.ClassStats.load(f) for f in stats_files] if a.method == "sfm" else []
     for path, st in zip(stats_files, sts):
         if r.init == "real" and st.meta.get("dataset") not in (None, a.dataset):
@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     p.add_argument("--max-per-class", type=int, default=0, help="use only the first N images of each class")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, else 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: 0 in-memory, else one per core this process may use)")
     p.add_argument("--kmeans", type=int, default=0, help="also fit K k-means centres per class (sub-class targets)")
     p.add_argument("--cache-features", action="store_true", help="also cache every feature for later evaluation")
     p.add_argument("--skip-bad", action="store_true", help="skip image files that cannot be decoded (listed in "

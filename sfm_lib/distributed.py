@@ -37,8 +37,9 @@ __all__ = ["init", "finish", "launched", "is_active", "rank", "world_size", "is_
 
 
 def launched() -> bool:
-    """True when torchrun started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when torchrun started this process (``TORCHELASTIC_RUN_ID`` set, also for one process, so that
+    ``--nproc_per_node=1`` joins a real NCCL/gloo group), or when ``WORLD_SIZE`` > 1."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 _launched = launched

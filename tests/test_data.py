@@ -546,13 +546,11 @@ def test_feature_pass_stops_at_or_skips_unreadable_files(odd_folder, lite0):
 
 
 @pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("on_device", [False, True])
-def test_uint8_pipeline_matches_the_float_path(odd_folder, lite0, monkeypatch, on_device):
+def test_uint8_pipeline_matches_the_float_path(odd_folder, lite0):
     # Reference, per image: float [0,1] → centre square crop → bilinear resize in float → φ. The pipeline
-    # decodes to uint8 in the workers and resizes there (CPU) or on the device (CUDA; forced here).
+    # decodes to uint8 in the workers and resizes there, on the CPU and for CUDA alike.
     from sfm_lib import backbones, features
 
-    monkeypatch.setattr(features, "_RESIZE_ON_DEVICE", on_device)
     root, _ = odd_folder
     ds = data.load(f"imagefolder:{root}", "train", skip_bad=True)
     good = [i for i, p in enumerate(ds.files) if p.name != "bad.png"]
