@@ -149,8 +149,9 @@ def _total_memory() -> int | None:
 def describe_machine(m: Mapping[str, Any]) -> str:
     """One line: "2 CPU cores (AMD EPYC ...), 2 torch threads, no GPU"."""
     gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
-    cores = m.get("cores")
-    return f"{cores} CPU core{'s' if cores != 1 else ''} ({m.get('cpu')}), {gpu}"
+    cores, threads = m.get("cores"), m.get("torch_threads")
+    used = f", {threads} torch thread{'s' if threads != 1 else ''}" if threads else ""
+    return f"{cores} CPU core{'s' if cores != 1 else ''} ({m.get('cpu')}){used}, {gpu}"
 
 
 def commit(root: str | os.PathLike | None = None) -> str | None:
