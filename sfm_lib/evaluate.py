@@ -639,3 +639,18 @@ def results_table(rows: Sequence[ProbeResult | dict[str, Any]], per_seed: bool =
     table = pd.DataFrame(out)
     table.attrs["metric"] = metric_name(ddof, gain)
     return table
+
+
+def score_on(result: ProbeResult, backbone: Backbone, dataset: Dataset, resolution: int, *,
+             progress: bool = False) -> ProbeResult:
+    """The probes of ``result`` (its ``weights``, trained once) scored on another split, e.g. the
+    validation split that choices are made on: top-1 (%) per seed on ``dataset``'s (cached) features, with
+    ``meta["test"]`` naming it. Nothing is trained again, so the two splits judge the same probes."""
+    if result.weights is None:
+        raise ValueError("this result holds no probe weights (e.g. it was read back from JSON): train the probes "
+                         "again with linear_probe")
+    W, b = result.weights
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    meta = {**result.meta, "test": getattr(dataset, "name", None), "split": getattr(dataset, "split", None),
+            "n_test": len(y)}
+    return ProbeResult(accuracies(W, b, x, y), list(result.seeds), meta, result.weights)

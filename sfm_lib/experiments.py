@@ -187,8 +187,10 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
           views: int = 40, progress: bool = False) -> "pd.DataFrame":
     """Distil every variant (``base`` updated by the variant's keywords) once per distillation seed, probe
     each result with ``probe_seeds``; one row per (variant, distillation seed): ``variant``,
-    ``distill_seed``, ``top1_mean``, ``top1_std``, ``final_loss``. No timing column: a row may come from the
-    cache, measured in another run under other conditions than the rows beside it."""
+    ``distill_seed``, ``top1_mean``, ``top1_std`` (on the test split), ``val_top1_mean`` (the same probes on
+    the validation split ``ctx.val``, where choices are made; NaN without one), ``final_loss``. No timing
+    column: a row may come from the cache, measured in another run under other conditions than the rows
+    beside it."""
     import pandas as pd
 
     rows = []
@@ -200,11 +202,36 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
                                           seeds=probe_seeds, views=views)
             hist = result.meta.get("loss_history") or [float("nan")]
             rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
-                         "top1_std": probe.top1_std, "final_loss": hist[-1]})
+                         "top1_std": probe.top1_std, "val_top1_mean": _val_top1(ctx, probe),
+                         "final_loss": hist[-1]})
     return pd.DataFrame(rows)
 
 
-__all__ += ["StepClock", "method_comparison"]
+def _val_top1(ctx: Context, probe: "evaluate.ProbeResult") -> float:
+    """Mean top-1 of the same probes on the validation split (NaN when the context has none)."""
+    if ctx.val is None or len(ctx.val) == 0:
+        return float("nan")
+    return evaluate.score_on(probe, ctx.backbone, ctx.val, ctx.resolution).top1_mean
+
+
+def choose_on_validation(table: "pd.DataFrame", by: str = "variant", within: str | None = None) -> "pd.DataFrame":
+    """For each group ``within`` (e.g. an ablation), the row of ``by`` whose mean ``val_top1_mean`` over
+    distillation seeds is highest: the choice made on validation, with its test top-1 beside it. Columns:
+    ``within`` (if given), ``chosen``, ``val_top1``, ``test_top1``."""
+    import pandas as pd
+
+    keys = [within, by] if within else [by]
+    means = table.groupby(keys, sort=False)[["val_top1_mean", "top1_mean"]].mean().reset_index()
+    groups = means.groupby(within, sort=False) if within else [(None, means)]
+    rows = []
+    for name, g in groups:
+        best = g.loc[g["val_top1_mean"].idxmax()]
+        row = {within: name} if within else {}
+        rows.append({**row, "chosen": best[by], "val_top1": best["val_top1_mean"], "test_top1": best["top1_mean"]})
+    return pd.DataFrame(rows)
+
+
+__all__ += ["StepClock", "method_comparison", "choose_on_validation"]
 
 
 class StepClock:
@@ -248,7 +275,8 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
     ``probe_seeds`` (:func:`sfm_lib.evaluate.linear_probe`).
 
     One row per (method, comparison, distillation seed): ``method``, ``comparison`` ("equal steps" or
-    "equal time"), ``ipc``, ``distill_seed``, ``steps``, ``time_s``, ``top1_mean``, ``top1_std``.
+    "equal time"), ``ipc``, ``distill_seed``, ``steps``, ``time_s``, ``top1_mean``, ``top1_std`` (test split),
+    ``val_top1_mean`` (the same probes on the validation split).
     """
     import pandas as pd
 
@@ -280,7 +308,7 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
                 score = scores[id(result)]
                 rows.append({"method": label, "comparison": comparison, "ipc": ipc, "distill_seed": seed,
                              "steps": n, "time_s": round(t, 2), "top1_mean": score.top1_mean,
-                             "top1_std": score.top1_std})
+                             "top1_std": score.top1_std, "val_top1_mean": _val_top1(ctx, score)})
     return pd.DataFrame(rows)
 
 

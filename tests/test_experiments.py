@@ -43,7 +43,25 @@ def test_sweep_returns_a_tidy_table(ctx):
     assert list(df["variant"]) == list(experiments.ABLATIONS["loss"])
     assert {"top1_mean", "top1_std", "final_loss", "distill_seed"} <= set(df.columns)
     assert not [c for c in df.columns if "time" in c], "cached rows would show another run's time"
-    assert df["top1_mean"].between(0, 100).all()
+    assert df["top1_mean"].between(0, 100).all() and df["val_top1_mean"].between(0, 100).all()
+
+
+def test_the_validation_score_is_the_same_probes_on_the_validation_split(ctx):
+    """score_on re-scores the trained probes; training probes with the same seeds and scoring them on the
+    validation split directly gives the same numbers. The choice is the best validation mean."""
+    import pandas as pd
+
+    from sfm_lib import evaluate
+
+    d = experiments.distilled(ctx, steps=2, seed=0)
+    on_test = evaluate.linear_probe(ctx.backbone, d, ctx.test, 32, epochs=3, seeds=(0, 1), views=2)
+    direct = evaluate.linear_probe(ctx.backbone, d, ctx.val, 32, epochs=3, seeds=(0, 1), views=2)
+    assert evaluate.score_on(on_test, ctx.backbone, ctx.val, 32).top1 == direct.top1
+    table = pd.DataFrame({"ablation": ["a", "a", "a", "b", "b"], "variant": ["x", "x", "y", "u", "v"],
+                          "val_top1_mean": [50.0, 60.0, 54.0, 70.0, 71.0], "top1_mean": [1, 2, 3, 4, 5]})
+    chosen = experiments.choose_on_validation(table, within="ablation")
+    assert chosen.to_dict("records") == [{"ablation": "a", "chosen": "x", "val_top1": 55.0, "test_top1": 1.5},
+                                         {"ablation": "b", "chosen": "v", "val_top1": 71.0, "test_top1": 5.0}]
 
 
 def test_distilled_with_several_backbones_is_cached_by_every_backbone_and_statistics(ctx, monkeypatch):
