@@ -513,6 +513,7 @@ class Distiller:
         meta = {**self.identity(), "steps": cfg.steps, "grow_every": cfg.grow_every,
                 "init": cfg.init if isinstance(cfg.init, str) else "images",
                 "two_pass": self.two_pass, "chunk_size": self.chunk_size, "compile": cfg.compile,
+                "levels": getattr(self.images, "num_levels", None),
                 "loss_history": history, "time_s": round(time.perf_counter() - t0, 2),
                 "num_classes": self.objective.num_classes, "world_size": distributed.world_size()}
         return DistilledSet(final, self.labels.cpu(), self.classes, meta)
