@@ -326,3 +326,50 @@ def test_labels_of_ticks_outside_the_view_do_not_count(agg):
     plots.watch_labels()
     ax = plots.loss_curve([0.68, 0.65])  # chapter 2 at the tiny preset: 2 steps
     assert _drawn_warnings(ax.figure) == []
+
+
+# ------------------------------------------------------------------------------------------ the chapters
+BOOK = Path(__file__).resolve().parents[1] / "book"
+CARD_NAMES = {"card_time", "card_memory", "card_machine", "card_date", "card_tiny"}
+
+
+def _chapter_cells(path: Path) -> list[tuple[str, str, list[str]]]:
+    nb = json.loads(path.read_text())
+    return [(c["cell_type"], "".join(c["source"]), c.get("metadata", {}).get("tags", [])) for c in nb["cells"]]
+
+
+@pytest.mark.parametrize("path", sorted(BOOK.glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_chapter_measures_itself_and_glues_what_its_prose_names(path):
+    """A card in the title cell, the clock started right after the parameters and stopped in the last cell,
+    every {glue} name of the prose glued by a code cell, every {download} file written by the chapter."""
+    import re
+
+    cells = _chapter_cells(path)
+    code = "\n".join(src for kind, src, _ in cells if kind == "code")
+    prose = "\n".join(src for kind, src, _ in cells if kind == "markdown")
+    assert "chapter-card" in cells[0][1], "the chapter card sits in the title cell"
+    params = next(i for i, (_, _, tags) in enumerate(cells) if "parameters" in tags)
+    assert f'report.Card("{path.stem}")' in cells[params + 1][1]
+    assert cells[-1][1].startswith("card.finish(") and cells[-1][0] == "code"
+    named = set(re.findall(r"\{glue(?::\w+)?\}`([^`:]+)", prose))
+    glued = set(re.findall(r'report\.glue\(\s*"([^"]+)"', code)) | CARD_NAMES
+    assert named and named <= glued, f"named in the prose but glued nowhere: {sorted(named - glued)}"
+    linked = re.findall(r"\{download\}`[^`<]*<_build/downloads/([^/]+)/([^>]+)>`", prose)
+    assert linked and {chapter for chapter, _ in linked} == {path.stem}
+    writer = next(src for kind, src, _ in cells if kind == "code" and "report.downloads(" in src)
+    missing = [name for _, name in linked if f'"{name.rsplit(".", 1)[0]}"' not in writer]
+    assert not missing, f"linked but not written by the downloads cell: {missing}"
+    assert not re.search(r"closing notes|notes of the project", prose, re.I)
+
+
+def test_the_results_page_comes_last_and_glues_what_it_names():
+    import re
+
+    import yaml
+
+    toc = yaml.safe_load((BOOK.parent / "_toc.yml").read_text())
+    assert toc["chapters"][-1]["file"] == "book/07_results"
+    page = (BOOK / "07_results.md").read_text()
+    named = set(re.findall(r"\{glue(?::\w+)?\}`([^`:]+)", page))
+    assert named <= set(re.findall(r'report\.glue\(\s*"([^"]+)"', page)) | CARD_NAMES
+    assert 'report.Card("07_results")' in page and "card.finish()" in page
