@@ -47,8 +47,9 @@ from torch.utils.data import Dataset
 from .utils import cache_dir, load_tensors, save_tensors
 
 __all__ = ["load", "DistilledSet", "TensorImageDataset", "ImageFolderDataset", "BadImageError", "subset",
-           "subset_per_class", "square_resize", "real_images", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST",
-           "NAMES", "SPLITS", "VAL_FRACTION", "VAL_SALT", "holdout_indices", "item_ids"]
+           "subset_per_class", "square_resize", "real_images", "EvalTransform", "SQUARE", "PAPER", "INTERPOLATIONS",
+           "CROP_MODES", "Fingerprint", "fingerprint", "DEBIAN_FASHION_MNIST", "NAMES", "SPLITS", "VAL_FRACTION",
+           "VAL_SALT", "holdout_indices", "item_ids"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -186,28 +187,121 @@ def subset_per_class(dataset: Dataset, per_class: int, seed: int | None = None) 
     return subset(dataset, torch.cat(picks).sort().values.tolist())
 
 
-def square_resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Centre square crop, then bilinear resize to ``resolution`` (antialiased when shrinking); no-op when the
-    images are already ``resolution``². Differentiable; works on [N,3,H,W] and [3,H,W]."""
-    h, w = images.shape[-2:]
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        images = images[..., top:top + side, left:left + side]
-    if images.shape[-1] == resolution:
-        return images
+INTERPOLATIONS = ("bilinear", "bicubic")
+"""Interpolations of :func:`square_resize` and :class:`EvalTransform` (timm's eval configs use these two)."""
+CROP_MODES = ("square", "center")
+"""Geometries of :class:`EvalTransform`: the library's centre square first, or timm's ``center``."""
+
+
+def _interpolate(images: torch.Tensor, size: tuple[int, int], interpolation: str, antialias: bool) -> torch.Tensor:
+    """[N,3,H,W] or [3,H,W] resized to ``size`` (half-pixel centres); bicubic clamped to [0, 1], as PIL's
+    8-bit result saturates."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     batched = images if images.ndim == 4 else images[None]
-    out = F.interpolate(batched, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                        antialias=batched.shape[-1] > resolution)
+    out = F.interpolate(batched, size=size, mode=interpolation, align_corners=False, antialias=antialias)
+    if interpolation == "bicubic":
+        out = out.clamp(0.0, 1.0)
     return out if images.ndim == 4 else out[0]
 
 
-def real_images(dataset: Dataset, indices: Sequence[int] | torch.Tensor, resolution: int) -> torch.Tensor:
+def square_resize(images: torch.Tensor, resolution: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Centre square crop, then resize to ``resolution``²; no-op when the images already have that size.
+    Differentiable; works on [N,3,H,W] and [3,H,W].
+
+    ``bilinear``: antialiased when shrinking. ``bicubic``: always through the antialiasing kernel (PIL's
+    cubic, a = −0.5, which torchvision's tensor ``Resize`` also uses; plain bicubic takes a = −0.75),
+    clamped to [0, 1]."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    if h != w:
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top:top + side, left:left + side]
+    if side == resolution:
+        return images
+    return _interpolate(images, (resolution, resolution), interpolation,
+                        antialias=interpolation == "bicubic" or side > resolution)
+
+
+def _short_side_resize(images: torch.Tensor, side: int, interpolation: str) -> torch.Tensor:
+    """torchvision's ``Resize(side)`` on tensors: the short side to ``side``, the long one to
+    ``int(side · long / short)``, antialiased; no-op when that is the size already."""
+    h, w = images.shape[-2:]
+    size = (side, int(side * w / h)) if h <= w else (int(side * h / w), side)
+    if size == (h, w):
+        return images
+    return _interpolate(images, size, interpolation, antialias=True)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How a real image becomes the backbone's ``size``² input at test time and in the statistics pass:
+    resize so that the short side is ``S = ⌊size / crop_pct⌋`` (timm's rule), then take the centre
+    ``size``² crop (offset ``round((S' − size) / 2)`` per axis, torchvision's ``CenterCrop``).
+
+    ``crop_mode``:
+
+    - ``"center"`` — timm's eval transform (``transforms_imagenet_eval``, ``crop_mode="center"``):
+      torchvision's ``Resize(S)`` of the whole image (short side S, long side ``int(S · long / short)``,
+      antialiased) → ``CenterCrop(size)``. The papers' ``Resize(256) → CenterCrop(224)`` is
+      ``EvalTransform(0.875, "bicubic", "center")`` at 224 (:data:`PAPER`).
+    - ``"square"`` — the library's own: the centre square first, then :func:`square_resize` to S, then the
+      crop. The default, :data:`SQUARE` (crop_pct 1, bilinear), is :func:`square_resize` bit for bit: the
+      path before transforms existed. On square images the two modes are one computation up to
+      antialiasing on upsampling (bilinear: within 1 ulp); on others ``center`` samples the long side on
+      a grid shifted by up to a pixel.
+
+    Bicubic results are clamped to [0, 1], as PIL's 8-bit output saturates (torchvision's float path does
+    not clamp, timm's PIL path does)."""
+
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    crop_mode: str = "square"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+
+    def scale_size(self, size: int) -> int:
+        """The short side ``⌊size / crop_pct⌋`` before the crop (timm's rule)."""
+        return math.floor(size / self.crop_pct)
+
+    def __call__(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """Images [N,3,H,W] or [3,H,W] float in [0, 1] → [N,3,size,size] (or [3,size,size]); differentiable."""
+        scale = self.scale_size(size)
+        if self.crop_mode == "square":
+            out = square_resize(images, scale, self.interpolation)
+        else:
+            out = _short_side_resize(images, scale, self.interpolation)
+        h, w = out.shape[-2:]
+        if (h, w) == (size, size):
+            return out
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        return out[..., top:top + size, left:left + size]
+
+    def __str__(self) -> str:
+        return "square" if self == SQUARE else f"{self.crop_mode} crop {self.crop_pct:g} {self.interpolation}"
+
+
+SQUARE = EvalTransform()
+"""The offline default: centre square, bilinear resize to the input size (:func:`square_resize`)."""
+PAPER = EvalTransform(0.875, "bicubic", "center")
+"""The papers' test transform at 224 px: ``Resize(256, bicubic) → CenterCrop(224)`` (crop fraction 0.875)."""
+
+
+def real_images(dataset: Dataset, indices: Sequence[int] | torch.Tensor, resolution: int,
+                transform: EvalTransform | None = None) -> torch.Tensor:
     """Items ``indices`` of ``dataset`` as float ``[B, 3, r, r]`` in [0, 1] (CPU), each turned into the loop's
-    input exactly as the statistics pass turns it: any size and mode → RGB, centre square, bilinear resize
-    (:func:`square_resize`). The one place where real images become tensors of one size: the real-image start
-    of distillation, centroid and neighbour images, the fit sets of classifier inheritance and LGM's real
-    batches all call it. One vectorised gather for in-memory datasets (also under a Subset)."""
+    input exactly as the statistics pass turns it: any size and mode → RGB, then ``transform`` (default
+    :data:`SQUARE`: centre square, bilinear resize). The one place where real images become tensors of one
+    size: the real-image start of distillation, centroid and neighbour images, the fit sets of classifier
+    inheritance and LGM's real batches all call it. One vectorised gather for in-memory datasets (also
+    under a Subset)."""
+    transform = SQUARE if transform is None else transform
     idx = torch.as_tensor(indices, dtype=torch.long).flatten()
     base, where = dataset, idx
     while isinstance(base, torch.utils.data.Subset):
@@ -216,8 +310,8 @@ def real_images(dataset: Dataset, indices: Sequence[int] | torch.Tensor, resolut
     if len(idx) == 0:
         return torch.empty(0, 3, resolution, resolution)
     if hasattr(base, "batch"):
-        return square_resize(base.batch(where)[0], resolution)
-    return torch.stack([square_resize(dataset[int(i)][0], resolution) for i in idx.tolist()])
+        return transform(base.batch(where)[0], resolution)
+    return torch.stack([transform(dataset[int(i)][0], resolution) for i in idx.tolist()])
 
 
 @dataclass
