@@ -21,6 +21,23 @@ classifiers) keep their head: it is the image projection, and its output the CLI
 
 The backbone is frozen: eval mode (batch-norm statistics fixed), no parameter gradients. Gradients still
 flow to the *input*, which is what distillation needs.
+
+Test transform (:attr:`Backbone.eval_transform`, picked by :func:`eval_transform`): how real images become
+the input at test time and in the statistics pass, a :class:`sfm_lib.data.EvalTransform`.
+
+- ``"model"`` — the model's own: for timm backbones the crop fraction, crop mode and interpolation of
+  ``timm.data.resolve_data_config({}, model=m)`` (its pretrained config), applied at the run's input
+  size, not the config's: timm's ``⌊size / crop_pct⌋`` rule scales with the size. Where the config is
+  explicit it is used as it is: DINOv2 (``lvd142m``, 518 px) says crop_pct 1.0 bicubic, so at 224 it
+  resizes the short side to 224 and crops nothing; CLIP (``openai``) and EVA-02 (``mim_in22k``) say 0.9
+  bicubic. The offline ``effnet_lite*`` keep the library's own :data:`sfm_lib.data.SQUARE` (centre
+  square, bilinear), what the offline default has always measured (timm's config for these says 0.875
+  bicubic, which would crop Fashion-MNIST's centred garments).
+- ``"paper"`` — the papers' ``Resize(256) → CenterCrop(224)``, bicubic, for every backbone
+  (:data:`sfm_lib.data.PAPER`, crop fraction 0.875): what the ImageNet presets use.
+- ``"square"`` — :data:`sfm_lib.data.SQUARE` for every backbone (what ``transform=None`` means everywhere).
+
+The mean and std always come from the same ``resolve_data_config``.
 """
 from __future__ import annotations
 
@@ -32,10 +49,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import square_resize
+from .data import PAPER, SQUARE, EvalTransform, square_resize
 from .utils import resolve_device
 
-__all__ = ["Backbone", "load", "square_resize", "resolve_name", "OFFLINE_NAMES", "PAPER_BACKBONES"]
+__all__ = ["Backbone", "load", "square_resize", "resolve_name", "eval_transform", "timm_transform", "OFFLINE_NAMES",
+           "PAPER_BACKBONES", "TRANSFORMS"]
+
+TRANSFORMS = ("model", "paper", "square")
+"""The test transforms :func:`eval_transform` can pick (see the module doc)."""
 
 OFFLINE_NAMES = ("effnet_lite0", "effnet_lite1", "effnet_lite2")
 
@@ -56,16 +77,19 @@ class Backbone:
     ``pretrained`` says whether the weights are the named pretrained ones (False: random), ``precision``
     (a property of the device) how it computes; both enter the cache keys (:mod:`sfm_lib.cache`).
     ``patch_size`` / ``img_size``: a ViT's patch side and, if it was built for one input size, that size.
+    ``eval_transform``: the model's own test transform (see the module doc; default :data:`SQUARE`).
     """
 
     def __init__(self, model: torch.nn.Module, name: str, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, *, pretrained: bool = True, feature_dim: int | None = None):
+                 device: torch.device, *, pretrained: bool = True, feature_dim: int | None = None,
+                 eval_transform: EvalTransform = SQUARE):
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.name = name
         self.device = device
         self.pretrained = bool(pretrained)
+        self.eval_transform = eval_transform
         self.feature_dim: int = int(model.num_features if feature_dim is None else feature_dim)
         embed = getattr(model, "patch_embed", None)
         patch = getattr(embed, "patch_size", None)
@@ -244,6 +268,31 @@ def _create(full_name: str, pretrained: bool, img_size: int | None) -> torch.nn.
     return timm.create_model(full_name, pretrained=pretrained, **kwargs)
 
 
+def timm_transform(model: torch.nn.Module) -> tuple[EvalTransform, tuple[float, ...], tuple[float, ...]]:
+    """The eval transform, mean and std of a timm model, from ``timm.data.resolve_data_config({}, model=m)``
+    (its pretrained config; timm's defaults fill what it leaves out). Only timm's ``crop_mode="center"``
+    is implemented; another mode raises ValueError."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    mode = cfg.get("crop_mode") or "center"
+    if mode != "center":
+        raise ValueError(f"timm's crop_mode {mode!r} is not implemented (only 'center'); pass transform='paper' "
+                         f"or 'square'")
+    transform = EvalTransform(float(cfg["crop_pct"]), str(cfg["interpolation"]), "center")
+    return transform, tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def eval_transform(backbone: Backbone, kind: str = "model") -> EvalTransform:
+    """The test transform ``kind`` for ``backbone`` (:data:`TRANSFORMS`): ``"model"`` its own
+    (:attr:`Backbone.eval_transform`), ``"paper"`` :data:`sfm_lib.data.PAPER`, ``"square"``
+    :data:`sfm_lib.data.SQUARE`. Pass the result as ``transform=`` to the feature and statistics passes,
+    :func:`sfm_lib.data.real_images` and the probes."""
+    if kind not in TRANSFORMS:
+        raise ValueError(f"test transform must be one of {', '.join(TRANSFORMS)}, got {kind!r}")
+    return {"model": backbone.eval_transform, "paper": PAPER, "square": SQUARE}[kind]
+
+
 def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True,
          img_size: int | None = None) -> Backbone:
     """Frozen backbone ``name`` on ``device`` (see module doc): features ``[N, D]``.
@@ -256,8 +305,8 @@ def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True,
     if name in OFFLINE_NAMES:
         model = lite_model(int(name[-1])) if pretrained else timm.create_model(f"tf_efficientnet_lite{name[-1]}")
         model.reset_classifier(0)
-        cfg = model.pretrained_cfg
-        return Backbone(model, name, cfg["mean"], cfg["std"], dev, pretrained=pretrained)
+        _, mean, std = timm_transform(model)
+        return Backbone(model, name, mean, std, dev, pretrained=pretrained, eval_transform=SQUARE)
     full = resolve_name(name)
     if pretrained:
         try:
@@ -270,7 +319,6 @@ def load(name: str, device: str | torch.device = "cpu", pretrained: bool = True,
                                f"or pretrained=False for random weights (cost benchmarks only)") from err
     else:
         model = _create(full, False, img_size)
-    cfg = model.pretrained_cfg
+    transform, mean, std = timm_transform(model)
     dim = model.num_classes if _keeps_head(full) and getattr(model, "num_classes", 0) else None
-    return Backbone(model, full, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)), dev,
-                    pretrained=pretrained, feature_dim=dim)
+    return Backbone(model, full, mean, std, dev, pretrained=pretrained, feature_dim=dim, eval_transform=transform)
