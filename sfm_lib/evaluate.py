@@ -6,7 +6,9 @@ the batch), the rate decaying as
 
     lr_t = lr · (1 + cos(π t / T)) / 2,     t = 0 … T−1 the step, T = epochs · ⌈N / B⌉,
 
-and scored by top-1 on the real test split (resize + centre crop) after the last epoch, as mean ± std over
+and scored by top-1 on the real test split (the test transform: ``transform``, a
+:class:`sfm_lib.data.EvalTransform`, default the centre square resized, see
+:func:`sfm_lib.backbones.eval_transform`) after the last epoch, as mean ± std over
 probe seeds: :attr:`ProbeResult.top1_std` the sample std (ddof = 1), :attr:`ProbeResult.top1_pstd` the
 population std (ddof = 0) of the papers' code, which probes with :data:`PAPER_PROBE_SEEDS`.
 
@@ -44,8 +46,7 @@ from . import data as data_mod
 from . import features as features_mod
 from .augment import Augment
 from .backbones import Backbone
-from .data import square_resize
-from .data import DistilledSet, TensorImageDataset
+from .data import SQUARE, DistilledSet, EvalTransform, TensorImageDataset, square_resize
 from .stats import ClassStats
 from .utils import resolve_device
 
@@ -241,29 +242,36 @@ def accuracies(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor) -> list[floa
 
 
 # ---------------------------------------------------------------------------------------- view features
-def _images_of(dataset: Dataset, resolution: int) -> tuple[Tensor, Tensor]:
-    """All images in [0, 1] and labels [N]: a distilled set or an in-memory dataset (one size) as they are,
-    [N, 3, H, W]; other datasets (image folders: any size and mode) as [N, 3, r, r], resized as the
-    statistics pass resizes them (:func:`sfm_lib.data.real_images`)."""
+def _images_of(dataset: Dataset, resolution: int, transform: EvalTransform | None = None
+               ) -> tuple[Tensor, Tensor, EvalTransform | None]:
+    """All images in [0, 1], labels [N] and the transform their view 0 still needs: a distilled set as it
+    is (None: synthetic images are the input already); an in-memory dataset (one size) as stored, [N, 3,
+    H, W], with ``transform`` (default :data:`SQUARE`); other datasets (image folders: any size and mode)
+    as [N, 3, r, r] through ``transform`` already, as the statistics pass makes them
+    (:func:`sfm_lib.data.real_images`), with None."""
     if isinstance(dataset, DistilledSet):
-        return dataset.images.detach().float(), dataset.labels.long()
+        return dataset.images.detach().float(), dataset.labels.long(), None
+    transform = SQUARE if transform is None else transform
     base, idx = dataset, None
     if isinstance(dataset, Subset):
         base, idx = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
     if isinstance(base, TensorImageDataset):
-        return base.batch(torch.arange(len(base)) if idx is None else idx)
+        return *base.batch(torch.arange(len(base)) if idx is None else idx), transform
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
-    return data_mod.real_images(dataset, torch.arange(len(dataset)), resolution), \
-        torch.as_tensor(dataset.targets, dtype=torch.long).clone()
+    return data_mod.real_images(dataset, torch.arange(len(dataset)), resolution, transform), \
+        torch.as_tensor(dataset.targets, dtype=torch.long).clone(), None
 
 
-def view_features(backbone: Backbone, images: Tensor, resolution: int, views: int, seed: int) -> Tensor:
-    """Features [N, K, D] of K = ``views`` views of every image: view 0 the plain test-time preprocessing,
-    views 1…K−1 flip + random resized crop (``Augment.probe()``, generator seeded by ``seed``) at ``resolution``.
+def view_features(backbone: Backbone, images: Tensor, resolution: int, views: int, seed: int,
+                  transform: EvalTransform | None = None) -> Tensor:
+    """Features [N, K, D] of K = ``views`` views of every image: view 0 the test-time input, ``transform``
+    applied on the backbone's device as the test pass applies it (None: the images as given, resized by
+    the backbone's preprocessing), views 1…K−1 flip + random resized crop (``Augment.probe()``, generator
+    seeded by ``seed``) at ``resolution``.
 
-    Crops are taken from the native image (one interpolation) unless it is larger than ``resolution``, in
-    which case it is first shrunk with antialiasing, like the test images.
+    Crops are taken from the centre square of ``images`` at its native size (one interpolation) unless it
+    is larger than ``resolution``, in which case it is first shrunk with antialiasing.
     """
     if views < 1:
         raise ValueError(f"views must be ≥ 1 (1 = no augmentation), got {views}")
@@ -274,7 +282,10 @@ def view_features(backbone: Backbone, images: Tensor, resolution: int, views: in
     chunks = []
     with torch.inference_mode():
         for start in range(0, n, _CHUNK):
-            chunks.append(backbone.features(images[start:start + _CHUNK], resolution).float().cpu())
+            first = images[start:start + _CHUNK]
+            if transform is not None:
+                first = transform(first.to(dev), resolution)
+            chunks.append(backbone.features(first, resolution).float().cpu())
         for start in range(0, n * (views - 1), _CHUNK):
             j = torch.arange(start, min(start + _CHUNK, n * (views - 1)))
             crops = aug.apply(base[j % n].to(dev), params.select(j).to(dev), resolution)
@@ -316,17 +327,18 @@ def check_same_data(distilled: Dataset, dataset: Dataset, allow_mismatch: bool =
 
 
 def probe_features(backbone: Backbone, trains: Sequence[Dataset], resolution: int, *, views: int,
-                   seeds: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+                   seeds: Sequence[int], transform: EvalTransform | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """The probes' training features: for every i, :func:`view_features` [N_i, K, D] of ``trains[i]`` (K =
-    ``views``, augmentations drawn with ``seeds[i]``) and its labels [N_i]."""
+    ``views``, augmentations drawn with ``seeds[i]``; real images' view 0 through ``transform``, the test
+    transform, default :data:`SQUARE`) and its labels [N_i]."""
     if len(trains) != len(seeds):
         raise ValueError(f"{len(trains)} training sets for {len(seeds)} seeds; pass one per seed")
     feats, labels = [], []
     for train, seed in zip(trains, seeds):
-        images, y = _images_of(train, resolution)
+        images, y, pending = _images_of(train, resolution, transform)
         if len(y) == 0:
             raise ValueError("the training set is empty")
-        feats.append(view_features(backbone, images, resolution, views, seed))
+        feats.append(view_features(backbone, images, resolution, views, seed, pending))
         labels.append(y.long())
     return feats, labels
 
@@ -359,14 +371,15 @@ def fit_probes(feats: Sequence[Tensor], labels: Sequence[Tensor], num_classes: i
 
 def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, resolution: int, *, epochs: int,
                 seeds: Sequence[int], views: int, batch_size: int | None, lr: float | None,
-                device: str | torch.device | None, progress: bool, kind: str) -> ProbeResult:
+                device: str | torch.device | None, progress: bool, kind: str,
+                transform: EvalTransform | None) -> ProbeResult:
     """Probe seed ``seeds[i]`` trained on ``trains[i]``: :func:`probe_features` → :func:`fit_probes` →
     :func:`accuracies` on the (cached) test features."""
     _check_probe_args(epochs, seeds)
     dev = backbone.device if device is None else resolve_device(device)
     C = _num_classes(trains[0], test)
-    test_x, test_y = features_mod.compute(backbone, test, resolution, progress=progress)
-    feats, labels = probe_features(backbone, trains, resolution, views=views, seeds=seeds)
+    test_x, test_y = features_mod.compute(backbone, test, resolution, progress=progress, transform=transform)
+    feats, labels = probe_features(backbone, trains, resolution, views=views, seeds=seeds, transform=transform)
     W, b = fit_probes(feats, labels, C, epochs=epochs, seeds=seeds, batch_size=batch_size, lr=lr, device=dev,
                       progress=progress)
     top1 = accuracies(W, b, test_x, test_y)
@@ -375,7 +388,7 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
     first = trains[0]
     meta = {"kind": kind, "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": views,
             "n_train": n_train, "batch_size": bs, "lr": base_lr, "train": getattr(first, "name", None),
-            "test": getattr(test, "name", None), "n_test": len(test_y)}
+            "test": getattr(test, "name", None), "n_test": len(test_y), "transform": _transform_name(transform)}
     if isinstance(first, DistilledSet):
         meta.update(distill_backbone=first.meta.get("backbone"), method=first.meta.get("method"),
                     ipc=first.meta.get("ipc"))
@@ -385,7 +398,8 @@ def _probe_many(backbone: Backbone, trains: Sequence[Dataset], test: Dataset, re
 def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: Dataset, resolution: int, *,
                  epochs: int = 1000, seeds: Sequence[int] = (0, 1, 2), views: int = 40, batch_size: int | None = None,
                  lr: float | None = None, device: str | torch.device | None = None, progress: bool = False,
-                 kind: str | None = None, allow_class_mismatch: bool = False) -> ProbeResult:
+                 kind: str | None = None, allow_class_mismatch: bool = False,
+                 transform: EvalTransform | None = None) -> ProbeResult:
     """Top-1 (%) on ``test`` of linear probes trained on the small set ``train`` (method.md §6), one per seed.
 
     ``train``: a :class:`DistilledSet` or any small dataset of images (e.g. a ``Subset`` of real images), or
@@ -395,6 +409,8 @@ def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: D
     ``device``: where the probe trains (default: the backbone's). ``kind`` labels the result ("distilled"
     for a DistilledSet, else "real", unless given). A distilled set from another dataset (class names or
     ``meta["dataset"]``) is refused unless ``allow_class_mismatch`` (see :func:`check_same_data`).
+    ``transform``: the test transform of the real images, test and training (default :data:`SQUARE`; see
+    :func:`sfm_lib.backbones.eval_transform`); distilled images are the input as they are.
 
     Note: with N = 10 images the defaults mean 1000 Adam steps at lr 3.9e-5; at 32 px (Lite0) that probe is
     not converged (seed std ≈ 5 points) and ``epochs=4000`` comes closer to method.md §9.
@@ -407,23 +423,26 @@ def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: D
     if kind is None:
         kind = "distilled" if trains and isinstance(trains[0], DistilledSet) else "real"
     return _probe_many(backbone, trains, test, resolution, epochs=epochs, seeds=seeds, views=views,
-                       batch_size=batch_size, lr=lr, device=device, progress=progress, kind=kind)
+                       batch_size=batch_size, lr=lr, device=device, progress=progress, kind=kind,
+                       transform=transform)
 
 
 def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, epochs: int = 10,
                     seeds: Sequence[int] = (0, 1, 2), batch_size: int = 256, lr: float | None = None,
-                    device: str | torch.device | None = None, progress: bool = False) -> ProbeResult:
-    """Full-data baseline: a probe per seed on the cached features of the whole training split.
+                    device: str | torch.device | None = None, progress: bool = False,
+                    transform: EvalTransform | None = None) -> ProbeResult:
+    """Full-data baseline: a probe per seed on the cached features of the whole training split, train and
+    test images through ``transform`` (default :data:`SQUARE`).
 
-    Deviation from §6: the features are *un-augmented* (resize + centre crop, read from the feature cache):
+    Deviation from §6: the features are *un-augmented* (the test transform, read from the feature cache):
     recomputing flip + crop views of 60k images every epoch is too slow on a CPU. Adam lr = 1e-3·B/256
     (B = 256), cosine decay to 0, mini-batches shuffled by the seed.
     """
     _check_probe_args(epochs, seeds)
     dev = backbone.device if device is None else resolve_device(device)
     C = _num_classes(train_ds, test_ds)
-    train_x, train_y = features_mod.compute(backbone, train_ds, resolution, progress=progress)
-    test_x, test_y = features_mod.compute(backbone, test_ds, resolution, progress=progress)
+    train_x, train_y = features_mod.compute(backbone, train_ds, resolution, progress=progress, transform=transform)
+    test_x, test_y = features_mod.compute(backbone, test_ds, resolution, progress=progress, transform=transform)
     bs, base_lr = _default_hparams(len(train_y), batch_size, lr)
     S = len(seeds)
     feats = train_x.to(dev)[None, :, None, :].expand(S, -1, -1, -1)  # shared by all seeds, no copy
@@ -431,7 +450,8 @@ def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, res
                          seeds=seeds, progress=progress)
     meta = {"kind": "full", "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": 1,
             "n_train": len(train_y), "batch_size": bs, "lr": base_lr, "train": getattr(train_ds, "name", None),
-            "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": False}
+            "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": False,
+            "transform": _transform_name(transform)}
     return ProbeResult(accuracies(W, b, test_x, test_y), [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
 
 
@@ -448,14 +468,16 @@ def random_subset(dataset: Dataset, ipc: int, seed: int) -> Subset:
 
 
 def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: int = 1,
-                    stats: ClassStats | None = None, *, progress: bool = False) -> Subset:
+                    stats: ClassStats | None = None, *, progress: bool = False,
+                    transform: EvalTransform | None = None) -> Subset:
     """For each class c the ``ipc`` real images with the smallest ‖φ(x) − μ_c‖₂ (class-major, nearest first).
 
-    μ_c from ``stats.means`` if given, else the mean of the (cached) features of ``dataset``.
+    μ_c from ``stats.means`` if given (made with the same ``transform``), else the mean of the (cached)
+    features of ``dataset``, its images through ``transform`` (default :data:`SQUARE`).
     """
     if ipc < 1:
         raise ValueError(f"ipc must be ≥ 1, got {ipc}")
-    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress, transform=transform)
     C = len(dataset.classes)  # float64 per class below: no float64 copy of every feature
     if stats is not None:
         stats.check_compatible(backbone)
@@ -479,21 +501,23 @@ def centroid_subset(backbone: Backbone, dataset: Dataset, resolution: int, ipc: 
 
 
 def neighbor_subset(backbone: Backbone, dataset: Dataset, distilled: DistilledSet, resolution: int, *,
-                    progress: bool = False, allow_class_mismatch: bool = False) -> Subset:
+                    progress: bool = False, allow_class_mismatch: bool = False,
+                    transform: EvalTransform | None = None) -> Subset:
     """For every distilled image x̃_i (in order), the real image of its class most similar to it by cosine in
     the space of ``backbone`` (the distillation backbone), as the LGM code picks neighbours:
 
         n(i) = argmax_{j : y_j = ỹ_i} ⟨φ(x̃_i), φ(x_j)⟩ / (‖φ(x̃_i)‖ ‖φ(x_j)‖)     (first of ties, float64).
 
     Distilled features: ``backbone.features`` at ``resolution``, un-augmented (rounded through float16 like
-    the cached real features). Two distilled images may share a neighbour; it then appears twice.
+    the cached real features); real features with the test ``transform`` (default :data:`SQUARE`). Two
+    distilled images may share a neighbour; it then appears twice.
     A set distilled from another dataset is refused unless ``allow_class_mismatch`` (:func:`check_same_data`).
     """
     check_same_data(distilled, dataset, allow_class_mismatch)
     if len(distilled.classes) != len(dataset.classes):
         raise ValueError(f"the distilled set has {len(distilled.classes)} classes but {dataset.name} has "
                          f"{len(dataset.classes)}; pass the training split of the dataset that was distilled")
-    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress, transform=transform)
     with torch.inference_mode():
         q = torch.cat([backbone.features(distilled.images[i:i + _CHUNK].float(), resolution).cpu()
                        for i in range(0, len(distilled), _CHUNK)]).half().double()
@@ -518,7 +542,8 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
     "random": seed s draws its own ``random_subset(train_ds, ipc, s)`` and trains its probe with seed s.
     "centroids": :func:`centroid_subset` (class means from ``stats`` if given). "neighbors": needs
     ``distilled`` (:func:`neighbor_subset`). "full": :func:`full_data_probe`; ``views`` is ignored there.
-    ``probe_kw`` go to :func:`linear_probe` (epochs, views, batch_size, lr, device, progress).
+    ``probe_kw`` go to :func:`linear_probe` (epochs, views, batch_size, lr, device, progress, transform);
+    the test ``transform`` also picks the centroids and neighbours.
     ``allow_class_mismatch``: "neighbors" of a set distilled from another dataset (see :func:`check_same_data`).
     """
     if kind not in BASELINES:
@@ -531,13 +556,13 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
         result = linear_probe(backbone, trains, test_ds, resolution, seeds=seeds, kind="random", **probe_kw)
     elif kind == "centroids":
         sub = centroid_subset(backbone, train_ds, resolution, ipc, stats=stats,
-                              progress=probe_kw.get("progress", False))
+                              progress=probe_kw.get("progress", False), transform=probe_kw.get("transform"))
         result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="centroids", **probe_kw)
     else:
         if distilled is None:
             raise ValueError('baseline("neighbors", ...) needs the distilled set: pass distilled=DistilledSet')
         sub = neighbor_subset(backbone, train_ds, distilled, resolution, progress=probe_kw.get("progress", False),
-                              allow_class_mismatch=allow_class_mismatch)
+                              allow_class_mismatch=allow_class_mismatch, transform=probe_kw.get("transform"))
         result = linear_probe(backbone, sub, test_ds, resolution, seeds=seeds, kind="neighbors", **probe_kw)
         result.meta.update(distill_backbone=distilled.meta.get("backbone"), ipc=distilled.meta.get("ipc"))
     if kind != "neighbors":
@@ -548,8 +573,10 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
 # ------------------------------------------------------------------------------------------------ tables
 def cross_backbone(distilled: DistilledSet, backbone_names: Sequence[str | Backbone], test_ds: Dataset,
                    resolution: int, *, seeds: Sequence[int] = (0, 1, 2), device: str | torch.device | None = None,
-                   **probe_kw) -> pd.DataFrame:
+                   transform: EvalTransform | str | None = None, **probe_kw) -> pd.DataFrame:
     """Probe ``distilled`` with every evaluation backbone φ_e (names, loaded on ``device``, or Backbone objects).
+    ``transform``: the test transform, one for all, or a kind of :func:`sfm_lib.backbones.eval_transform`
+    ("model": each backbone's own).
 
     Columns: ``eval_backbone``, ``distill_backbone`` (``distilled.meta["backbone"]``), ``top1_mean``, ``top1_std``.
     """
@@ -558,15 +585,22 @@ def cross_backbone(distilled: DistilledSet, backbone_names: Sequence[str | Backb
     rows = []
     for item in backbone_names:
         bb = item if isinstance(item, Backbone) else backbones_mod.load(item, resolve_device(device))
-        res = linear_probe(bb, distilled, test_ds, resolution, seeds=seeds, **probe_kw)
+        t = backbones_mod.eval_transform(bb, transform) if isinstance(transform, str) else transform
+        res = linear_probe(bb, distilled, test_ds, resolution, seeds=seeds, transform=t, **probe_kw)
         rows.append({"eval_backbone": bb.name, "distill_backbone": distilled.meta.get("backbone"),
                      "top1_mean": res.top1_mean, "top1_std": res.top1_std})
     return pd.DataFrame(rows, columns=["eval_backbone", "distill_backbone", "top1_mean", "top1_std"])
 
 
-_PROBE_KEYS = ("backbone", "resolution", "epochs", "views", "batch_size", "lr", "n_train", "test", "n_test")
+_PROBE_KEYS = ("backbone", "resolution", "epochs", "views", "batch_size", "lr", "n_train", "test", "n_test",
+               "transform")
 """What "the same probe" means for :func:`gain_over_random`: the evaluation backbone, the probe's recipe, the
-number of training images (IPC × classes) and the test split; the seeds are compared too."""
+number of training images (IPC × classes), the test split and its transform; the seeds are compared too."""
+
+
+def _transform_name(transform: EvalTransform | None) -> str:
+    """The test transform as results record it (``str`` of :class:`EvalTransform`; None is "square")."""
+    return str(SQUARE if transform is None else transform)
 
 
 def _probe_key(result: ProbeResult) -> tuple:
@@ -642,15 +676,20 @@ def results_table(rows: Sequence[ProbeResult | dict[str, Any]], per_seed: bool =
 
 
 def score_on(result: ProbeResult, backbone: Backbone, dataset: Dataset, resolution: int, *,
-             progress: bool = False) -> ProbeResult:
+             progress: bool = False, transform: EvalTransform | None = None) -> ProbeResult:
     """The probes of ``result`` (its ``weights``, trained once) scored on another split, e.g. the
     validation split that choices are made on: top-1 (%) per seed on ``dataset``'s (cached) features, with
-    ``meta["test"]`` naming it. Nothing is trained again, so the two splits judge the same probes."""
+    ``meta["test"]`` naming it. Nothing is trained again, so the two splits judge the same probes.
+    ``transform``: the test transform the result was scored with (refused if it is another)."""
     if result.weights is None:
         raise ValueError("this result holds no probe weights (e.g. it was read back from JSON): train the probes "
                          "again with linear_probe")
+    recorded = result.meta.get("transform", _transform_name(None))
+    if recorded != _transform_name(transform):
+        raise ValueError(f"the probes were scored with the test transform {recorded!r}, not "
+                         f"{_transform_name(transform)!r}: pass the same transform=")
     W, b = result.weights
-    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress)
+    x, y = features_mod.compute(backbone, dataset, resolution, progress=progress, transform=transform)
     meta = {**result.meta, "test": getattr(dataset, "name", None), "split": getattr(dataset, "split", None),
             "n_test": len(y)}
     return ProbeResult(accuracies(W, b, x, y), list(result.seeds), meta, result.weights)

@@ -182,7 +182,7 @@ class Reservoir:
 _CKPT_KIND = "sfm_lib statistics checkpoint"
 # Settings a resumed pass must share with its checkpoint: every one changes the result.
 _RESUME_KEYS = ("dataset", "split", "backbone", "pretrained", "resolution", "batch_size", "kmeans_k",
-                "kmeans_sample", "seed", "feature_dim", "num_classes", "world_size", "rank")
+                "kmeans_sample", "seed", "feature_dim", "num_classes", "world_size", "rank", "loader")
 
 
 def _rank_block(dataset: Dataset, rank: int, world: int) -> Dataset:
@@ -229,7 +229,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
             kmeans_sample: int = 2000, seed: int = 0, cache_features: bool = False,
             progress: bool = True, *, skip_bad: bool | None = None,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-            resume: bool = False) -> ClassStats:
+            resume: bool = False, transform: data_mod.EvalTransform | None = None) -> ClassStats:
     """One pass of φ over ``dataset`` → :class:`ClassStats` (μ_c in float64, n_c).
 
     ``kmeans_k > 0`` also fits K centres per class on a bounded uniform sample (:class:`Reservoir`) of
@@ -244,6 +244,9 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     uninterrupted pass; it refuses a checkpoint made with another dataset, backbone, resolution, batch size
     or k-means setting, or whose items before the saved position differ. Without ``resume`` an existing
     checkpoint is never overwritten.
+
+    ``transform``: the test transform of every image (default :data:`sfm_lib.data.SQUARE`, see
+    :func:`sfm_lib.backbones.eval_transform`); a checkpoint made with another is refused.
 
     Under torchrun (W > 1): each rank streams its block of the items (see the module doc), checkpoints to
     :func:`rank_checkpoint` and resumes from it (same W); ``kmeans_k`` and ``cache_features`` are refused.
@@ -271,13 +274,14 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
     counts = torch.zeros(C, dtype=torch.long, device=dev)
     g = torch.Generator().manual_seed(seed)
     reservoir = Reservoir(C, kmeans_sample, D, g) if kmeans_k > 0 else None
-    cache_path = features_mod.cache_path(backbone, dataset, resolution) if cache_features else None
+    cache_path = features_mod.cache_path(backbone, dataset, resolution, transform) if cache_features else None
     table = features_mod.FeatureTable(len(dataset), D) if cache_path is not None else None
     config = {"kind": _CKPT_KIND, "dataset": dataset.name, "split": getattr(dataset, "split", None),
               "backbone": backbone.name, "pretrained": getattr(backbone, "pretrained", None),
               "resolution": resolution, "batch_size": batch_size, "kmeans_k": kmeans_k,
               "kmeans_sample": kmeans_sample if kmeans_k else None, "seed": seed if kmeans_k else None,
-              "feature_dim": D, "num_classes": C, "world_size": world, "rank": rank}
+              "feature_dim": D, "num_classes": C, "world_size": world, "rank": rank,
+              "loader": features_mod.loader_key(transform)}
     position, skipped = 0, []
     prefix = data_mod.Fingerprint(dataset)  # of the items before ``position``
 
@@ -290,7 +294,8 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
         tensors, saved = load_tensors(ckpt)
         if saved.get("kind") != _CKPT_KIND:
             raise ValueError(f"{ckpt} is not a statistics checkpoint; delete it or pass another --checkpoint")
-        old = {"world_size": 1, "rank": 0}  # checkpoints written before torchrun support
+        old = {"world_size": 1, "rank": 0,  # checkpoints written before torchrun support
+               "loader": features_mod.LOADER}  # and before test transforms
         diff = {k: (saved.get(k, old.get(k)), config[k]) for k in _RESUME_KEYS
                 if saved.get(k, old.get(k)) != config[k]}
         if diff:
@@ -328,7 +333,7 @@ def extract(backbone: Backbone, dataset: Dataset, resolution: int, batch_size: i
                unit="img", disable=not progress or not distributed.is_main(), mininterval=2.0)
     try:
         for batch in features_mod.stream(backbone, dataset, resolution, batch_size, num_workers,
-                                         start=position, skip_bad=skip_bad):
+                                         start=position, skip_bad=skip_bad, transform=transform):
             feats, labels = batch.features, batch.labels
             if len(labels):
                 batch_sums, batch_counts = _class_sums(labels, feats, C)
@@ -396,9 +401,10 @@ def cached_extract(backbone: Backbone, dataset: Dataset, resolution: int, **kwar
     bound = _EXTRACT_SIGNATURE.bind(backbone, dataset, resolution, **kwargs)
     bound.apply_defaults()
     settings = {k: v for k, v in bound.arguments.items()
-                if k not in ("backbone", "dataset", "resolution") + _RESULT_NEUTRAL}
+                if k not in ("backbone", "dataset", "resolution", "transform") + _RESULT_NEUTRAL}
     path = cache.entry("stats", f"{key}-{backbone.name}-{resolution}", backbone=backbone, dataset=dataset,
-                       resolution=resolution, settings=settings, loader=features_mod.LOADER)
+                       resolution=resolution, settings=settings,
+                       loader=features_mod.loader_key(bound.arguments["transform"]))
     if path.is_file():
         return ClassStats.load(path)
     result = extract(backbone, dataset, resolution, **kwargs)
