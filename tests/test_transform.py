@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sfm_lib import backbones, data, evaluate, features, stats
+from sfm_lib import backbones, cache, data, evaluate, features, stats
 from sfm_lib.data import PAPER, SQUARE, EvalTransform
 from toydata import toy_dataset
 
@@ -196,6 +196,7 @@ def test_the_transform_is_in_every_cache_key(fresh_cache):
                                                           EvalTransform(0.875, "bilinear", "center"))}
     assert len(paths) == 5
     assert features.loader_key(None) == features.LOADER  # the square path keeps the keys it had
+    assert cache.key("distilled", transform=PAPER) != cache.key("distilled", transform=SQUARE)  # describable
     s_sq = stats.cached_extract(bb, toy, r, progress=False)
     s_pa = stats.cached_extract(bb, toy, r, progress=False, transform=PAPER)
     assert not torch.allclose(s_sq.means, s_pa.means)
