@@ -430,7 +430,7 @@ def export(distilled: str | os.PathLike, out: str | os.PathLike, *, force: bool 
     card = {"source": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
             "method": ds.meta.get("method"), "backbone": ds.meta.get("backbone"),
             "dataset": ds.meta.get("dataset"), "resolution": ds.meta.get("resolution"),
-            "classes": list(ds.classes), "images": len(ds), "recipe": ds.meta.get("recipe"),
+            "classes": list(ds.classes), "images": len(ds), "recipe": ds.meta.get("recipe") or _settings(ds.meta),
             "steps": ds.meta.get("steps"), "statistics_hash": statistics.get("sfm.statistics"),
             "accuracy": accuracy, "layout": "<class>/<i>.png, i counted from 0 within each class"}
     if len(statistics) > 1 or (statistics and "sfm.statistics" not in statistics):
@@ -461,6 +461,17 @@ def export(distilled: str | os.PathLike, out: str | os.PathLike, *, force: bool 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return card
+
+
+_SETTINGS = ("ipc", "steps", "augs", "lr", "schedule", "param", "grow_every", "init", "augment", "ema", "loss",
+             "subclass", "seed", "crop")
+
+
+def _settings(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The distillation settings a set's metadata holds, for a set made in Python (``distill --out`` stores
+    its recipe by name; ``distill.sfm`` and the chapters do not)."""
+    found = {k: meta[k] for k in _SETTINGS if k in meta}
+    return found or None
 
 
 def _umask() -> int:

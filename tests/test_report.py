@@ -186,6 +186,14 @@ def test_export_takes_the_accuracy_from_the_metadata(tmp_path):
     assert report.export(tmp_path / "d.safetensors", tmp_path / "out")["accuracy"] == {"top1_mean": 64.0}
 
 
+def test_a_set_made_in_python_gets_its_settings_as_the_recipe(tmp_path):
+    ds = _set(steps=300, augs=1, ema=0.7)
+    del ds.meta["recipe"]
+    ds.save(tmp_path / "d.safetensors")
+    card = report.export(tmp_path / "d.safetensors", tmp_path / "out")
+    assert card["recipe"] == {"steps": 300, "augs": 1, "ema": 0.7}
+
+
 def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path, capsys):
     _set().save(tmp_path / "d.safetensors")
     out = tmp_path / "out"
