@@ -37,6 +37,10 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
                         "or any timm model name (internet for weights)")
     p.add_argument("--resolution", type=int, default=64, help="backbone input resolution in pixels")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--test-transform", default="square", choices=["square", "paper", "model"],
+                   help="how real images become the backbone's input (statistics, test, probes): square = centre "
+                        "square, bilinear (the offline default); paper = Resize(256) -> CenterCrop(224), bicubic "
+                        "(the papers'); model = the backbone's own timm config")
 
 
 _DISTRIBUTED_COMMANDS = ("stats", "distill")
@@ -72,7 +76,8 @@ def _cmd_stats(a: argparse.Namespace) -> None:
     checkpoint = Path(a.checkpoint or (a.out + ".ckpt"))
     st = stats.extract(bb, ds, a.resolution, batch_size=a.batch_size, num_workers=a.workers, kmeans_k=a.kmeans,
                        cache_features=a.cache_features, skip_bad=a.skip_bad, checkpoint=checkpoint,
-                       checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet)
+                       checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet,
+                       transform=backbones.eval_transform(bb, a.test_transform))
     if distributed.is_main():
         st.save(a.out)
     distributed.barrier()  # the output is written before any rank drops its checkpoint
@@ -212,7 +217,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
     bb = backbones.load(a.backbone, a.device)
     result = evaluate.linear_probe(bb, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
-                                   views=a.views, allow_class_mismatch=a.allow_class_mismatch)
+                                   views=a.views, allow_class_mismatch=a.allow_class_mismatch,
+                                   transform=backbones.eval_transform(bb, a.test_transform))
     result.meta.update(distilled=a.distilled, distill_backbone=ds.meta.get("backbone"), dataset=a.dataset)
     _report(result, a.json, f"{a.distilled} on {bb.name}")
 
@@ -230,7 +236,8 @@ def _cmd_baselines(a: argparse.Namespace) -> None:
     if a.epochs:
         kw["epochs"] = a.epochs
     result = evaluate.baseline(a.kind, bb, train, test, a.resolution, ipc=a.ipc, seeds=tuple(range(a.seeds)),
-                               distilled=distilled, allow_class_mismatch=a.allow_class_mismatch, **kw)
+                               distilled=distilled, allow_class_mismatch=a.allow_class_mismatch,
+                               transform=backbones.eval_transform(bb, a.test_transform), **kw)
     result.meta.update(dataset=a.dataset, ipc=a.ipc)
     _report(result, a.json, f"{a.kind} baseline on {bb.name}")
 

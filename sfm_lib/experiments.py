@@ -48,7 +48,8 @@ class Context:
     """A chapter's data, frozen backbone and class statistics. ``resolution`` is the backbone's input size
     (statistics, probes, test images); ``image_size`` that of the synthetic images (0: the same; the papers
     distil 256 px images and feed 224 px crops). ``val``: the validation split (held out of ``train``;
-    every choice is made on it, every reported number on ``test``)."""
+    every choice is made on it, every reported number on ``test``). ``transform``: how real images become
+    the backbone's input (statistics, test, probes; None: :data:`sfm_lib.data.SQUARE`)."""
 
     train: Dataset
     test: Dataset
@@ -57,6 +58,7 @@ class Context:
     resolution: int
     image_size: int = 0
     val: Dataset | None = None
+    transform: data.EvalTransform | None = None
 
     def __repr__(self) -> str:
         return (f"{self.train.name}: {len(self.train)} train / {len(self.test)} test images, "
@@ -65,12 +67,15 @@ class Context:
 
 def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", resolution: int = 64,
             images_per_class: int = 0, device: str = "auto", download: bool = False,
-            kmeans_k: int = 0, progress: bool = True, *, crop: int = 0, pretrained: bool = True) -> Context:
+            kmeans_k: int = 0, progress: bool = True, *, crop: int = 0, pretrained: bool = True,
+            transform: str = "square") -> Context:
     """Load train/test data, the frozen backbone and its class statistics (computed once, then cached).
 
     ``resolution``: the synthetic images' size; ``crop`` (0: ``resolution``) the backbone's input size, at
     which the statistics and every probe are computed. ``pretrained=False``: random backbone weights (cost
-    checks and miniature runs only).
+    checks and miniature runs only). ``transform``: the test transform, a kind of
+    :func:`sfm_lib.backbones.eval_transform` ("square": centre square, bilinear, the offline default;
+    "paper": Resize(256) → CenterCrop(224), bicubic; "model": the backbone's own timm config).
     ``images_per_class > 0`` keeps only the first N training images of each class (quick runs).
     ``kmeans_k > 0`` adds K k-means centres per class, fitted on the cached features (sub-class targets).
     ``progress``: show a progress bar while the statistics are computed.
@@ -84,12 +89,13 @@ def prepare(dataset: str = "fashion_mnist", backbone: str = "effnet_lite0", reso
         train = data.subset_per_class(train, images_per_class)
     phi = backbones.load(backbone, resolve_device(device), pretrained=pretrained)
     size = crop or resolution
-    st = stats.cached_extract(phi, train, size, cache_features=True, progress=progress)
+    t = backbones.eval_transform(phi, transform)
+    st = stats.cached_extract(phi, train, size, cache_features=True, progress=progress, transform=t)
     if kmeans_k:
-        feats, labels = features.compute(phi, train, size)
+        feats, labels = features.compute(phi, train, size, transform=t)
         st = dataclasses.replace(st, centres=stats.class_centres(feats, labels, st.num_classes, kmeans_k),
                                  meta={**st.meta, "kmeans_k": kmeans_k})
-    return Context(train, test, phi, st, size, resolution, val)
+    return Context(train, test, phi, st, size, resolution, val, t)
 
 
 def _shorthands(kwargs: dict[str, Any], train: Dataset, crop_scale: float | None, noise_p: float | None) -> None:
@@ -157,7 +163,8 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     if path.is_file() and kwargs.get("callback") is None:
         return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":
-        nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats)
+        nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats,
+                                           transform=ctx.transform)
         kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
     result = _METHODS[method](phi, source, **kwargs)
     result.meta["init"] = init_name
@@ -199,7 +206,7 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
             args = {**(base or {}), **kw, "seed": seed, "progress": progress}
             result = distilled(ctx, **args)
             probe = evaluate.linear_probe(ctx.backbone, result, ctx.test, ctx.resolution, epochs=epochs,
-                                          seeds=probe_seeds, views=views)
+                                          seeds=probe_seeds, views=views, transform=ctx.transform)
             hist = result.meta.get("loss_history") or [float("nan")]
             rows.append({"variant": name, "distill_seed": seed, "top1_mean": probe.top1_mean,
                          "top1_std": probe.top1_std, "val_top1_mean": _val_top1(ctx, probe),
@@ -211,7 +218,7 @@ def _val_top1(ctx: Context, probe: "evaluate.ProbeResult") -> float:
     """Mean top-1 of the same probes on the validation split (NaN when the context has none)."""
     if ctx.val is None or len(ctx.val) == 0:
         return float("nan")
-    return evaluate.score_on(probe, ctx.backbone, ctx.val, ctx.resolution).top1_mean
+    return evaluate.score_on(probe, ctx.backbone, ctx.val, ctx.resolution, transform=ctx.transform).top1_mean
 
 
 def choose_on_validation(table: "pd.DataFrame", by: str = "variant", within: str | None = None) -> "pd.DataFrame":
@@ -304,7 +311,7 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
             for comparison, result, n, t in runs:
                 if id(result) not in scores:  # the same images are probed once
                     scores[id(result)] = evaluate.linear_probe(ctx.backbone, result, ctx.test,
-                                                               ctx.resolution, **probe)
+                                                               ctx.resolution, **probe, transform=ctx.transform)
                 score = scores[id(result)]
                 rows.append({"method": label, "comparison": comparison, "ipc": ipc, "distill_seed": seed,
                              "steps": n, "time_s": round(t, 2), "top1_mean": score.top1_mean,
