@@ -52,6 +52,7 @@ def test_the_papers_presets_cover_the_papers_settings():
                 assert p["dataset"] == f"imagefolder:/path/to/{folder}" and p["backbone"] == model
                 assert p["ipc"] == ipc and p["steps"] == 5000 and p["recipe"] == "paper"
                 assert (p["resolution"], p["crop"], p["pretrained"]) == (256, 224, True)
+                assert p["test_transform"] == "paper"  # Resize(256) -> CenterCrop(224), as the papers test
                 assert p["probe_seeds"] == [3407, 3408, 3409, 3410, 3411]  # the papers' five probes
                 assert p["two_pass"] is (ds == "in1k" and ipc == 10)
                 assert set(p["eval_backbones"]) == set(timm.values()) - {model}
