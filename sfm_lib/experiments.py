@@ -121,8 +121,8 @@ def _contexts(ctx: Context | Sequence[Context]) -> tuple[list[Context], Any, Any
     return contexts, [c.backbone for c in contexts], [c.stats for c in contexts]
 
 
-_METHODS = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp}
-_SIGNATURES = {name: inspect.signature(fn) for name, fn in _METHODS.items()}
+_SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm),
+               "clp": inspect.signature(clp.clp)}
 
 
 def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_scale: float | None = None,
@@ -166,7 +166,8 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats,
                                            transform=ctx.transform)
         kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
-    result = _METHODS[method](phi, source, **kwargs)
+    entry = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp}[method]  # looked up now (tests patch them)
+    result = entry(phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)
     return result

@@ -17,18 +17,20 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 
 
 def test_the_default_is_the_books_recipe():
-    """The chapters' parameter defaults and the default recipe agree (one place for the defaults: a test
-    fails when either moves alone). Learning rate and schedule are not chapter parameters: the chapters use
-    distill.DEFAULT_LR["pixels"] and the constant schedule."""
+    """Every distilling chapter reads its settings from one `recipe` parameter whose default is the default
+    recipe, with no override and no copy of a recipe setting among its parameters (one place for the
+    defaults)."""
     import papermill as pm
 
     r = recipes.get()
     assert r.name == recipes.DEFAULT == "fmnist-lite0-64"
-    for chapter in ["02_flow_matching.ipynb", "03_evaluation.ipynb"]:
+    settings = set(r.settings()) - {"steps"}  # steps stays a chapter's size knob (0: the recipe's)
+    for chapter in ["02_flow_matching.ipynb", "03_evaluation.ipynb", "04_vs_gradient_matching.ipynb",
+                    "05_classifier_inheritance.ipynb"]:
         declared = pm.inspect_notebook(str(BOOK / chapter))
-        for key in ["steps", "augs", "ema", "init", "crop_scale", "noise_p", "param"]:
-            if key in declared:
-                assert eval(declared[key]["default"]) == getattr(r, key), (chapter, key)
+        assert eval(declared["recipe"]["default"]) == recipes.DEFAULT, chapter
+        assert eval(declared["recipe_overrides"]["default"]) == {}, chapter
+        assert not settings & set(declared), (chapter, settings & set(declared))
     assert r.lr == distill.DEFAULT_LR["pixels"] == 0.05 and r.schedule == "constant"
 
 
@@ -88,7 +90,7 @@ def test_describe_names_every_setting():
     (dict(ema=1.0), "ema must lie in [0, 1)"),
     (dict(init="centroid"), "init must be one of noise, real"),
     (dict(crop_scale=0.0), "crop_scale must lie in (0, 1]"),
-    (dict(steps=-1), "steps ≥ 0"),
+    (dict(steps=-1), "steps must be ≥ 0, got -1"),
 ])
 def test_bad_recipes_are_refused_with_a_clear_message(kw, message):
     name = kw.pop("name", None)
