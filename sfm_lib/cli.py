@@ -1,4 +1,5 @@
-"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench,inherit,repro} ...`` (``--help`` on each).
+"""Command line: ``python -m sfm_lib {stats,distill,eval,baselines,bench,inherit,repro,export} ...`` (``--help``
+on each).
 
 ``stats`` and ``distill`` also run under ``torchrun`` (e.g. ``torchrun --nproc_per_node=8 -m sfm_lib stats
 ...``): :func:`main` joins the process group, each rank uses the device of its ``LOCAL_RANK``, only rank 0
