@@ -61,8 +61,8 @@ def tensor_hash(*tensors: Tensor | None) -> str:
 class ViewLayout:
     """The standard order of M = augs·C·ipc views: index v = (a·C + c)·ipc + j is copy a of image j of class c.
 
-    Then the per-class mean is z.view(A, C, ipc, D).mean((0, 2)) — equal to :func:`flow.class_means` with
-    labels = arange(C).repeat_interleave(ipc).repeat(A), but a reshape and a sum in a fixed order."""
+    Then the per-class mean is z.view(A, C, ipc, D).sum(0).sum(1) / (A·ipc) — equal to :func:`flow.class_means`
+    with labels = arange(C).repeat_interleave(ipc).repeat(A), but a reshape and sums in a fixed order."""
 
     augs: int
     num_classes: int
@@ -79,8 +79,10 @@ class ViewLayout:
         return z.view(self.augs, self.num_classes, self.ipc, z.shape[1])
 
     def class_means(self, z: Tensor) -> Tensor:
-        """[C, D] per-class means."""
-        return self.check(z).mean(dim=(0, 2))
+        """[C, D] per-class means: Σ over the copies, then over the slots, / (A·ipc). Two one-dimension sums, so
+        the means of a block of classes (a torchrun rank's) equal those rows of all classes' bit for bit on the
+        CPU; a mean over (0, 2) at once sums in an order that depends on the number of classes."""
+        return self.check(z).sum(0).sum(1) / (self.augs * self.ipc)
 
     def subclass_means(self, z: Tensor) -> Tensor:
         """[C, ipc, D] per-(class, image) means over the copies."""
