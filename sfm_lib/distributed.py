@@ -11,21 +11,22 @@ every function here is the single-process identity: rank 0 of a world of size 1.
 
 :mod:`sfm_lib.stats`, :mod:`sfm_lib.distill` and :mod:`sfm_lib.objectives` use this module, and
 :func:`sfm_lib.cli.main` calls :func:`init` and :func:`finish` for ``stats`` and ``distill``. Work is split
-in contiguous blocks (:func:`block`: statistics by items, distillation by classes). Two collectives matter:
+in contiguous blocks (:func:`block`: statistics by items, distillation by classes). Three collectives matter:
 
-- :func:`all_reduce_sum` sums a tensor over ranks in place (statistics: per-class sums and counts;
-  distillation: the image gradients).
+- :func:`all_reduce_sum` sums a tensor over ranks in place (statistics: per-class sums and counts).
 - :func:`sum_replicated` sums per-rank partial results **inside an autograd graph** whose loss is then
   computed identically on every rank. Its backward is the identity: if S = Σ_r s_r and every rank
   computes the same L(S), then ∂L/∂s_r = ∂L/∂S on rank r. (``torch.distributed.nn.all_reduce`` would
   all-reduce the gradient as well, which is right for a loss *summed* over ranks, and here would
   multiply the gradient by the world size.)
+- :func:`gather_rows` puts every rank's block of rows together (distillation: each rank owns the images and
+  Adam state of its block of classes; they are gathered for a checkpoint and at the end, never per step).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from .utils import resolve_device
 
 __all__ = ["init", "finish", "launched", "is_active", "rank", "world_size", "is_main", "device", "all_reduce_sum",
-           "sum_replicated", "shard", "block", "barrier", "describe"]
+           "sum_replicated", "gather_rows", "shard", "block", "barrier", "describe"]
 
 
 def launched() -> bool:
@@ -122,6 +123,32 @@ def sum_replicated(tensor: torch.Tensor) -> torch.Tensor:
     """S = Σ_r s_r, differentiable, for a loss that every rank then computes identically from S:
     the backward passes ∂L/∂S through unchanged (see the module doc). Identity in a single process."""
     return _SumReplicated.apply(tensor) if is_active() else tensor
+
+
+def gather_rows(part: torch.Tensor, counts: Sequence[int], dst: int | None = None) -> torch.Tensor | None:
+    """[Σ_r counts[r], …] on the CPU: the rows of ranks 0 … W−1 in order, rank r holding ``counts[r]`` of them
+    (``part`` here). ``dst`` None: every rank gets them (one broadcast per rank); ``dst`` = d: only rank d
+    (one send per other rank), the others get None. Either way a device holds one rank's block at a time.
+    Not differentiable; ``part`` detached, on the CPU, in a single process."""
+    if len(counts) != world_size():
+        raise ValueError(f"{len(counts)} row counts for {world_size()} ranks")
+    if part.shape[0] != counts[rank()]:
+        raise ValueError(f"rank {rank()} holds {part.shape[0]} rows, its count is {counts[rank()]}")
+    if not is_active():
+        return part.detach().cpu()
+    me, part = rank(), part.detach().contiguous()
+    if dst is not None and me != dst:
+        dist.send(part, dst)
+        return None
+    out = []
+    for r, n in enumerate(counts):
+        buf = part if r == me else part.new_empty((n, *part.shape[1:]))
+        if dst is None:
+            dist.broadcast(buf, src=r)
+        elif r != me:
+            dist.recv(buf, src=r)
+        out.append(buf.cpu())
+    return torch.cat(out)
 
 
 def shard(n: int) -> torch.Tensor:

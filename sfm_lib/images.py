@@ -1,7 +1,9 @@
 """Synthetic-image parameterisations (method.md §4).
 
 Every parameterisation is an ``nn.Module`` whose ``decode()`` returns images [N, 3, R, R] in
-[0, 1]. ``PixelImages`` decodes x = sigmoid(2p). ``PyramidImages`` stores a Laplacian-like pyramid
+[0, 1]. A module may hold only the rows ``rows`` = [lo, hi) of a set of N images (under torchrun each rank
+owns its block of classes): it then decodes those rows, and every random draw (the noise start, a new
+pyramid level) is made for all N images and cut to the rows, so the rows equal those of the whole set. ``PixelImages`` decodes x = sigmoid(2p). ``PyramidImages`` stores a Laplacian-like pyramid
 of levels at sides 1, 2, 4, …, R, decodes x = sigmoid(2·M·Σ_l up(P_l)) with M a fixed colour
 decorrelation, and grows one level at a time during optimisation. The number of levels is saved in
 the module's extra state, so ``state_dict`` round-trips through ``torch.save`` /
@@ -65,18 +67,38 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     return torch.randn(shape, generator=generator, device=dev)
 
 
-class SyntheticImages(nn.Module):
-    """Base class: ``num_images`` learnable images of side ``resolution``; ``decode()`` ∈ [0, 1]."""
+def _rows_of(num_images: int, rows: tuple[int, int] | None) -> tuple[int, int]:
+    lo, hi = (0, num_images) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo < hi <= num_images:
+        raise ValueError(f"rows must be [lo, hi) with 0 ≤ lo < hi ≤ {num_images}, got [{lo}, {hi})")
+    return lo, hi
 
-    def __init__(self, num_images: int, resolution: int) -> None:
+
+class SyntheticImages(nn.Module):
+    """Base class: rows [lo, hi) = ``rows`` (default: all) of ``num_images`` learnable images of side
+    ``resolution``; ``decode()`` ∈ [0, 1] gives the hi − lo images held (:attr:`num_rows`)."""
+
+    def __init__(self, num_images: int, resolution: int, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
         if num_images < 1 or resolution < 1:
             raise ValueError(f"need num_images ≥ 1 and resolution ≥ 1, got {num_images}, {resolution}")
         self.num_images = int(num_images)
         self.resolution = int(resolution)
+        self.rows = _rows_of(self.num_images, rows)
+
+    @property
+    def num_rows(self) -> int:
+        """The number of images this module holds, hi − lo."""
+        return self.rows[1] - self.rows[0]
+
+    def _draw(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+        """randn of ``shape`` for all N images, cut to the held rows (the same numbers as one whole set's)."""
+        lo, hi = self.rows
+        full = _randn((self.num_images, *shape), generator)
+        return full if (lo, hi) == (0, self.num_images) else full[lo:hi].clone()
 
     def decode(self, rows: list[Tensor] | None = None) -> Tensor:
-        """Images [N, 3, R, R] in [0, 1]. ``rows``: decode these parameter tensors instead of the module's
+        """Images [hi − lo, 3, R, R] in [0, 1]. ``rows``: decode these parameter tensors instead of the module's
         own (same order as ``parameters()``, any number of rows) — used to decode a chunk of images
         from row slices that are their own autograd leaves."""
         raise NotImplementedError
@@ -102,8 +124,9 @@ class SyntheticImages(nn.Module):
                              f"{self.num_images} at {self.resolution}px")
 
     def _check_init(self, init: Tensor) -> Tensor:
-        if init.dim() != 4 or init.shape[0] != self.num_images or init.shape[1] != 3:
-            raise ValueError(f"init must be [{self.num_images}, 3, H, W], got {tuple(init.shape)}")
+        """``init``: the start images of the held rows, [hi − lo, 3, H, W] in [0, 1], resized to R."""
+        if init.dim() != 4 or init.shape[0] != self.num_rows or init.shape[1] != 3:
+            raise ValueError(f"init must be [{self.num_rows}, 3, H, W], got {tuple(init.shape)}")
         return _resize(init.detach().float(), self.resolution)
 
 
@@ -116,10 +139,10 @@ class PixelImages(SyntheticImages):
 
     def __init__(self, num_images: int, resolution: int, init: Tensor | None = None,
                  generator: torch.Generator | None = None, init_std: float = 1.0,
-                 init_eps: float = 1e-3) -> None:
-        super().__init__(num_images, resolution)
+                 init_eps: float = 1e-3, rows: tuple[int, int] | None = None) -> None:
+        super().__init__(num_images, resolution, rows)
         if init is None:
-            p = init_std * _randn((num_images, 3, resolution, resolution), generator)
+            p = init_std * self._draw((3, resolution, resolution), generator)
         else:
             p = _logit_half(self._check_init(init), init_eps)
         self.pixels = nn.Parameter(p)
@@ -146,8 +169,8 @@ class PyramidImages(SyntheticImages):
 
     def __init__(self, num_images: int, resolution: int, grow_every: int = 200,
                  init: Tensor | None = None, generator: torch.Generator | None = None,
-                 decorrelate: bool = True, init_eps: float = 1e-3) -> None:
-        super().__init__(num_images, resolution)
+                 decorrelate: bool = True, init_eps: float = 1e-3, rows: tuple[int, int] | None = None) -> None:
+        super().__init__(num_images, resolution, rows)
         if grow_every < 1:
             raise ValueError(f"grow_every must be ≥ 1, got {grow_every}")
         self.grow_every = int(grow_every)
@@ -158,7 +181,7 @@ class PyramidImages(SyntheticImages):
         self.register_buffer("color", m, persistent=False)
         self.levels = nn.ParameterList()
         if init is None:
-            self.levels.append(nn.Parameter(_randn((num_images, 3, 1, 1), generator)))
+            self.levels.append(nn.Parameter(self._draw((3, 1, 1), generator)))
         else:
             z = _logit_half(self._check_init(init), init_eps)
             residual = torch.einsum("cj,njhw->nchw", torch.linalg.inv(m.double()).to(z.device), z.double())
@@ -172,8 +195,8 @@ class PyramidImages(SyntheticImages):
         return len(self.levels)
 
     def final_numel(self) -> int:
-        """N · 3 · Σ_l s_l²: every level of the pyramid, also while only the first ones exist."""
-        return self.num_images * 3 * sum(s * s for s in self.sizes)
+        """(hi − lo) · 3 · Σ_l s_l²: every level of the held rows, also while only the first ones exist."""
+        return self.num_rows * 3 * sum(s * s for s in self.sizes)
 
     def _up(self, level: Tensor) -> Tensor:
         r = self.resolution
@@ -187,7 +210,8 @@ class PyramidImages(SyntheticImages):
         return torch.sigmoid(2 * z)
 
     def grow(self, step: int) -> bool:
-        """At step > 0 with step % grow_every == 0 and levels missing: add one level; return True."""
+        """At step > 0 with step % grow_every == 0 and levels missing: add one level (drawn for all N images,
+        the held rows kept); return True."""
         k = self.num_levels
         if step <= 0 or step % self.grow_every or k >= len(self.sizes):
             return False
@@ -196,7 +220,7 @@ class PyramidImages(SyntheticImages):
         with torch.no_grad():
             for p in self.levels:
                 p.mul_(k / (k + 1))
-        new = _randn((self.num_images, 3, s, s), self.generator) / (k + 1)
+        new = self._draw((3, s, s), self.generator) / (k + 1)
         self.levels.append(nn.Parameter(new.to(device=ref.device, dtype=ref.dtype)))
         return True
 
@@ -214,15 +238,17 @@ class PyramidImages(SyntheticImages):
             self.levels = nn.ParameterList(list(self.levels)[:k])
         while self.num_levels < k:
             s = self.sizes[self.num_levels]
-            self.levels.append(nn.Parameter(ref.new_zeros(self.num_images, 3, s, s)))
+            self.levels.append(nn.Parameter(ref.new_zeros(self.num_rows, 3, s, s)))
 
 
 _KINDS = {"pyramid": PyramidImages, "pixels": PixelImages}
 
 
 def make_images(kind: str, num_images: int, resolution: int, *, init: Tensor | None = None,
-                generator: torch.Generator | None = None, **kw: Any) -> SyntheticImages:
-    """Build a parameterisation by name: "pyramid" or "pixels" (extra keywords go to its constructor)."""
+                generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+                **kw: Any) -> SyntheticImages:
+    """Build a parameterisation by name: "pyramid" or "pixels" (extra keywords go to its constructor);
+    ``rows`` = [lo, hi): hold only those rows of the ``num_images`` (``init``: their start images)."""
     if kind not in _KINDS:
         raise ValueError(f"unknown image kind {kind!r}; valid kinds: {sorted(_KINDS)}")
-    return _KINDS[kind](num_images, resolution, init=init, generator=generator, **kw)
+    return _KINDS[kind](num_images, resolution, init=init, generator=generator, rows=rows, **kw)
