@@ -13,11 +13,17 @@ No host–device synchronisation inside a step: the loss stays on the device and
 ``read_every`` steps (progress bar, non-finite check; the history is complete at the end), class means
 are a reshape of the views, and labels are built and checked once per run.
 
-Under torchrun (W processes, :mod:`sfm_lib.distributed`) every rank holds the same images, optimiser and
-generators, forwards only the views of its block of classes (see :func:`step_gradient`) and takes the same
-Adam step on the summed gradient, so loss and images equal a single-process run: bit for bit where the
-backbone's features of an image do not depend on the other images of its batch (on the CPU, Lite0 with
-batches of ≥ 16), else up to float rounding. Only rank 0 writes checkpoints; every rank resumes from the
+Under torchrun (W processes, :mod:`sfm_lib.distributed`) each rank owns the images of its block of classes
+[lo, hi) = :func:`distributed.block` (C), rows lo·ipc … hi·ipc − 1 of the class-major images: their
+parameters, gradients and Adam state. It forwards only their views (see :func:`step_gradient`); the objective
+combines what the loss needs across ranks (SFM the class means, LGM and CLP the features), so the loss is the
+single-process loss on every rank and the gradient of a rank's rows is complete there: image gradients are
+never sent. The generators are the same on every rank; a random draw for the images (noise start, a new
+pyramid level) is made for all N images and cut to the rows. So loss and images equal a single-process run:
+bit for bit where the backbone's features of an image do not depend on the other images of its batch (on the
+CPU, Lite0 with batches of ≥ 16), else up to float rounding. The rows are gathered only for a checkpoint
+(rank 0 receives and writes the whole set and the whole Adam state, as one process would) and at the end
+(the returned :class:`DistilledSet` holds every image on every rank); every rank resumes its rows from the
 same checkpoint (also with another W).
 """
 from __future__ import annotations
@@ -135,13 +141,17 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
     identical in both passes (per-image noise seeds), so the gradient equals the one-pass gradient. This
     holds for any objective that depends on the images only through z (SFM and LGM both do).
 
-    Under torchrun (W processes) every rank gets the same ``params`` (one generator state) and forwards
-    only the views of its block of classes (:meth:`ViewLayout.rank_views`); the objective combines its results
-    across ranks (:func:`sfm_lib.distributed.sum_replicated`), so the loss is the single-process loss on
-    every rank, and the image gradients are summed over ranks at the end (each image's views lie on one
-    rank, so the sum adds exact zeros): every rank then takes the same Adam step.
+    Under torchrun (W processes) ``images`` hold this rank's rows (:attr:`ViewIndex.rows`); every rank gets
+    the same ``params`` (one generator state) and forwards only the views of its block of classes
+    (:meth:`ViewLayout.rank_views`); the objective combines its results across ranks
+    (:func:`sfm_lib.distributed.sum_replicated`), so the loss is the single-process loss on every rank and
+    the gradient of its rows, accumulated here, is the whole gradient of those rows (all their views are here).
     """
     views = views or ViewIndex.of(images.num_images, augs, labels, slots, objective.num_classes)
+    if images.rows != views.rows:
+        raise ValueError(f"this rank's views show images {views.rows[0]}–{views.rows[1] - 1}, but the images "
+                         f"hold rows {images.rows[0]}–{images.rows[1] - 1}: under torchrun each rank holds the "
+                         f"rows of its block of classes (make_images(..., rows=...), as Distiller does)")
     view_img, view_labels, view_slots = views.image, views.labels, views.slots
     if views.mine is not None:
         params = params.select(views.mine)
@@ -149,7 +159,6 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         z = _views(images, backbone, augment, params, view_img, crop)
         loss = objective(z, view_labels, view_slots)
         loss.backward()
-        _sum_gradients(images)
         return loss.detach()
     chunks = [torch.arange(s, min(s + chunk_size, len(view_img)), device=labels.device)
               for s in range(0, len(view_img), chunk_size)]
@@ -170,49 +179,59 @@ def step_gradient(images: SyntheticImages, backbone: Backbone, objective, augmen
         zc.backward(g[c])
         for p, r in zip(tensors, rows):
             p.grad.index_add_(0, idx, r.grad)
-    _sum_gradients(images)
     return loss.detach()
 
 
 @dataclass(frozen=True)
 class ViewIndex:
-    """Which image each view of a step shows (``image``), its label and slot, and under torchrun which of all
-    views are this rank's (``mine``, else None). The same every step: the loop builds it once, so the
-    objective checks the labels' order once (:class:`sfm_lib.objectives.SFMObjective`)."""
+    """The views of a step that this rank forwards: ``rows`` = [lo·ipc, hi·ipc), the images of its block of
+    classes (all N without torchrun); ``image``, which of those rows each view shows (image ``rows[0] +
+    image`` of the whole set); its label and slot; and under torchrun which of all views are this rank's
+    (``mine``, else None). The same every step: the loop builds it once, so the objective checks the labels'
+    order once (:class:`sfm_lib.objectives.SFMObjective`)."""
 
     image: torch.Tensor
     labels: torch.Tensor
     slots: torch.Tensor
     mine: torch.Tensor | None
+    rows: tuple[int, int]
 
     @classmethod
     def of(cls, n: int, augs: int, labels: torch.Tensor, slots: torch.Tensor, num_classes: int) -> "ViewIndex":
-        view_img, mine = torch.arange(n * augs, device=labels.device) % n, None
+        view_img, mine, rows = torch.arange(n * augs, device=labels.device) % n, None, (0, n)
         if distributed.world_size() > 1:
-            mine = ViewLayout(augs, num_classes, n // num_classes).rank_views(labels.device)
+            ipc = n // num_classes
+            lo, hi = distributed.block(num_classes)
+            mine, rows = ViewLayout(augs, num_classes, ipc).rank_views(labels.device), (lo * ipc, hi * ipc)
             view_img = view_img[mine]
-        return cls(view_img, labels[view_img], slots[view_img], mine)
+        return cls(view_img - rows[0], labels[view_img], slots[view_img], mine, rows)
 
 
-def _sum_gradients(images: SyntheticImages) -> None:
-    """Under torchrun: Σ over ranks of each parameter's gradient (each rank holds its views' part)."""
-    if distributed.world_size() > 1:
-        for p in images.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            distributed.all_reduce_sum(p.grad)
+def _map_rows(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``tree`` (nested dicts, lists, tuples) with ``fn`` applied to every tensor of ≥ 1 dimension: the per-image
+    tensors of an images or Adam state dict, whose first dimension is the image; 0-d tensors (Adam's step),
+    numbers and the images' extra state are kept."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree) if tree.dim() >= 1 else tree
+    if isinstance(tree, dict):
+        return {k: _map_rows(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_rows(v, fn) for v in tree)
+    return tree
 
 
 def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init_dataset, seed: int,
-                    generator: torch.Generator, **kw) -> SyntheticImages:
-    """``init``: "noise"; "real" (``ipc`` random real images per class of ``init_dataset``, drawn by
-    ``seed``); or a tensor of images [N, 3, H, W] in [0, 1], class-major like ``labels``."""
+                    generator: torch.Generator, rows: tuple[int, int], **kw) -> SyntheticImages:
+    """Rows [lo, hi) = ``rows`` of the start images. ``init``: "noise" (drawn for all N, cut to the rows);
+    "real" (``ipc`` random real images per class of ``init_dataset``, drawn by ``seed``; only the rows' are
+    read); or a tensor of images [N, 3, H, W] in [0, 1], class-major like ``labels``."""
+    lo, hi = rows
     if isinstance(init, torch.Tensor):
         if init.ndim != 4 or init.shape[0] != len(labels) or init.shape[1] != 3:
             raise ValueError(f"init images must be [{len(labels)}, 3, H, W] (class-major), got {tuple(init.shape)}")
-        real = init.float()
+        real = init[lo:hi].float()
     elif init == "noise":
-        return make_images(kind, len(labels), resolution, generator=generator, **kw)
+        return make_images(kind, len(labels), resolution, generator=generator, rows=rows, **kw)
     elif init != "real":
         raise ValueError(f"init must be 'noise', 'real' or a tensor of images, got {init!r}")
     elif init_dataset is None:
@@ -221,8 +240,8 @@ def _initial_images(kind: str, labels: torch.Tensor, resolution: int, init, init
         ipc = int((labels == 0).sum())
         sub = data.subset_per_class(init_dataset, ipc, seed=seed)
         order = torch.argsort(sub.targets, stable=True)
-        real = data.real_images(sub, order, resolution)  # any size and mode, as the statistics pass sees it
-    return make_images(kind, len(labels), resolution, init=real, generator=generator, **kw)
+        real = data.real_images(sub, order[lo:hi], resolution)  # any size and mode, as the statistics pass sees it
+    return make_images(kind, len(labels), resolution, init=real, generator=generator, rows=rows, **kw)
 
 
 class Snapshots:
@@ -303,10 +322,13 @@ class Distiller:
         if C < distributed.world_size():
             raise ValueError(f"the views of {C} classes cannot be shared by {distributed.world_size()} "
                              f"processes (each takes whole classes): launch at most {C}")
+        blocks = [distributed.block(C, r) for r in range(distributed.world_size())]
+        self.row_counts = [(hi - lo) * cfg.ipc for lo, hi in blocks]  # the images each rank owns
+        lo, hi = blocks[distributed.rank()]
         self.image_gen = torch.Generator().manual_seed(cfg.seed)
         kw = {"grow_every": cfg.grow_every} if cfg.param == "pyramid" else {}
         self.images = _initial_images(cfg.param, self.labels.cpu(), cfg.resolution, cfg.init, init_dataset,
-                                      cfg.seed, self.image_gen, **kw).to(dev)
+                                      cfg.seed, self.image_gen, (lo * cfg.ipc, hi * cfg.ipc), **kw).to(dev)
         self.init_dataset = init_dataset
         self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
         self.opt = self._make_opt()
@@ -321,12 +343,14 @@ class Distiller:
 
     # ------------------------------------------------------------------------------------------ memory
     def fixed_bytes(self) -> int:
-        """Bytes held for the whole run, at the images' final size (the last pyramid level, not the 1×1 of
-        step 0): parameters, their gradients and Adam's two moments, 4 · numel · 4 B; plus, for an objective
-        with a real batch (LGM), its images and views, 2 · B · 3 · crop² · 4 B."""
+        """Bytes this rank holds for the whole run: its rows of the images at their final size (the last
+        pyramid level, not the 1×1 of step 0), parameters, gradients and Adam's two moments, 4 · numel · 4 B;
+        plus, for an objective with a real batch of B images (LGM), the images and views of its block of them
+        (:func:`distributed.block` (B), all B in one process), 2 · (hi − lo) · 3 · crop² · 4 B."""
         params = 4 * self.images.final_numel() * 4
         stream = getattr(self.objective, "stream", None)
-        real = 2 * int(getattr(stream, "batch_size", 0)) * 3 * self.crop * self.crop * 4
+        lo, hi = distributed.block(int(getattr(stream, "batch_size", 0)))
+        real = 2 * (hi - lo) * 3 * self.crop * self.crop * 4
         return params + real
 
     def _bytes_per_view(self, probe: int = 4) -> float:
@@ -428,9 +452,17 @@ class Distiller:
         ident.update({f"{self.objective.method}.{k}": v for k, v in self.objective.identity().items()})
         return json_safe(ident)
 
-    def state_dict(self, step: int, history: list[float]) -> dict:
+    def state_dict(self, step: int, history: list[float]) -> dict | None:
+        """The checkpoint: the state of every image and the whole Adam state, as one process holds them. Under
+        torchrun a collective: each rank sends its rows to rank 0, which gets the state; the others None."""
+        def gather(t: torch.Tensor) -> torch.Tensor | None:
+            return distributed.gather_rows(t, self.row_counts, dst=0)
+
+        images, opt = _map_rows(self.images.state_dict(), gather), _map_rows(self.opt.state_dict(), gather)
+        if not distributed.is_main():
+            return None
         return {"version": _CHECKPOINT_VERSION, "identity": self.identity(), "step": step, "history": history,
-                "images": self.images.state_dict(), "optimizer": self.opt.state_dict(),
+                "images": images, "optimizer": opt,
                 "objective": self.objective.state_dict(), "image_rng": self.image_gen.get_state(),
                 "aug_rng": self.aug_gen.get_state().cpu(), "two_pass": self.two_pass,
                 "chunk_size": self.chunk_size}
@@ -444,19 +476,27 @@ class Distiller:
         if diff:
             raise ValueError(f"{where} was made by another run, with other settings: " + "; ".join(diff)
                              + ". Resume with the same settings, or delete the checkpoint to start over")
-        self.images.load_state_dict(state["images"])
+        lo, hi = self.images.rows  # this rank's rows of the whole set (a copy: the rest is not kept)
+        self.images.load_state_dict(_map_rows(state["images"], lambda t: t[lo:hi].clone()))
         self.images.to(self.device)
         self.opt = self._make_opt()
-        self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_state_dict(_map_rows(state["optimizer"], lambda t: t[lo:hi].clone()))
         self.objective.load_state_dict(state.get("objective", {}))
         self.image_gen.set_state(state["image_rng"])
         self.aug_gen.set_state(state["aug_rng"])  # generator states are CPU byte tensors, CUDA ones too
         # the memory plan is made afresh (the free memory of this machine, the final images): never restored
         return int(state["step"]), list(state["history"])
 
+    def _save(self, path: Path, step: int, history: list[float]) -> None:
+        """Write the checkpoint of ``step`` (rank 0; under torchrun every rank sends its rows)."""
+        state = self.state_dict(step, history)
+        if state is not None:
+            _save_checkpoint(path, state)
+
     # --------------------------------------------------------------------------------------------- run
     def run(self, callback: Callable | None = None, desc: str | None = None) -> DistilledSet:
-        """The loop. ``callback(step, loss, images)`` after every step (``loss`` a 0-d device tensor)."""
+        """The loop. ``callback(step, loss, images)`` after every step (``loss`` a 0-d device tensor; under
+        torchrun ``images`` hold this rank's rows)."""
         cfg = self.config
         ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
         start, history = 0, []
@@ -490,7 +530,7 @@ class Distiller:
             bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
 
         t0 = time.perf_counter()
-        main = distributed.is_main()  # the only rank that writes checkpoints and shows progress
+        main = distributed.is_main()  # the only rank that shows progress (and writes checkpoints, _save)
         bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress or not main, initial=start,
                    total=cfg.steps, mininterval=1.0)
         for step in bar:
@@ -502,14 +542,14 @@ class Distiller:
             save = ckpt is not None and (step + 1) % cfg.checkpoint_every == 0
             if save or len(pending) == cfg.read_every or step + 1 == cfg.steps:
                 read_back(bar)
-            if save and main:
-                _save_checkpoint(ckpt, self.state_dict(step + 1, history))
+            if save:
+                self._save(ckpt, step + 1, history)
         bar.close()
         read_back(bar)
-        if ckpt is not None and cfg.steps > start and main:
-            _save_checkpoint(ckpt, self.state_dict(cfg.steps, history))
-        with torch.no_grad():
-            final = self.images.decode().float().cpu()
+        if ckpt is not None and cfg.steps > start:
+            self._save(ckpt, cfg.steps, history)
+        with torch.no_grad():  # every rank's rows, on every rank (the only time images are sent)
+            final = distributed.gather_rows(self.images.decode().float(), self.row_counts)
         meta = {**self.identity(), "steps": cfg.steps, "grow_every": cfg.grow_every,
                 "init": cfg.init if isinstance(cfg.init, str) else "images",
                 "two_pass": self.two_pass, "chunk_size": self.chunk_size, "compile": cfg.compile,

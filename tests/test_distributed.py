@@ -20,6 +20,14 @@ def test_single_process_is_the_identity():
     assert distributed.sum_replicated(x) is x
     assert torch.equal(distributed.shard(5), torch.arange(5))
     assert distributed.describe()["world_size"] == 1
+    rows = torch.randn(3, 2, requires_grad=True)
+    for dst in (None, 0):
+        got = distributed.gather_rows(rows, [3], dst=dst)
+        assert torch.equal(got, rows) and not got.requires_grad
+    with pytest.raises(ValueError, match=r"^2 row counts for 1 ranks$"):
+        distributed.gather_rows(rows, [3, 1])
+    with pytest.raises(ValueError, match=r"^rank 0 holds 3 rows, its count is 2$"):
+        distributed.gather_rows(rows, [2])
 
 
 def _free_port() -> int:
