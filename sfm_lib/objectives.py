@@ -22,6 +22,8 @@ backward hands each rank the gradient of its own part), so the loss is the singl
 rank. Each part is zero outside its own rows, so the sums only add zeros and are exact: SFM sums the class
 means (each computed whole on the rank that holds its class); LGM sums the features themselves, zero-padded
 to all views (and those of the real batch), and then computes the head gradients as one process does.
+These sums are all a step sends: each rank owns the images of its block (:mod:`sfm_lib.distill`), and the
+gradient of its views is the whole gradient of those images.
 """
 from __future__ import annotations
 
