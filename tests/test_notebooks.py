@@ -12,9 +12,10 @@ BOOK = ROOT / "book"
 TINY = dict(resolution=32, images_per_class=20, device="cpu")
 CHAPTERS = {
     "01_statistics.ipynb": {},
-    "02_flow_matching.ipynb": dict(steps=4, pyramid_steps=8),
+    "02_flow_matching.ipynb": dict(steps=4, pyramid_steps=8, agreement_draws=12),
     "03_evaluation.ipynb": dict(steps=3, distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2, ipc_large=2,
                                 steps_large=2, ablations=["loss"], eval_backbones=["effnet_lite1"],
+                                full_epochs=[1, 2],
                                 cross_images_per_class=20),
     "04_vs_gradient_matching.ipynb": dict(batch_sizes=[1, 3, 0], draws=2, grad_steps=2, lgm_augs=1, steps=2,
                                           distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2,
