@@ -133,7 +133,7 @@ def test_statistics_under_torchrun_equal_one_process_and_resume(tmp_path, tiny_f
     from sfm_lib.stats import ClassStats
 
     root = _image_folder(tmp_path / "imgs")
-    bad = root / "train" / "b" / "5.png"  # item 13 of 16: rank 1's block is items 8–15
+    bad = root / "train" / "b" / "5.png"  # in rank 1's block (the second half of the training items)
     bad.write_text("not an image")
     args = ["stats", "--dataset", f"imagefolder:{root}", "--resolution", str(RES), "--device", "cpu",
             "--batch-size", "2", "--workers", "0", "--checkpoint-every", "1", "--quiet"]
@@ -147,8 +147,14 @@ def test_statistics_under_torchrun_equal_one_process_and_resume(tmp_path, tiny_f
     one = tmp_path / "one.safetensors"
     assert main([*args, "--skip-bad", "--out", str(one)]) == 0
     a, b = ClassStats.load(one), ClassStats.load(out)
-    torch.testing.assert_close(b.means, a.means, rtol=1e-6, atol=0)
-    assert torch.equal(a.counts, b.counts) and a.counts.tolist() == [8, 7]
+    # the ranks' blocks are batched otherwise than one process's items (the validation hold-out moves
+    # them); Lite0's features of an image then differ in float32 rounding, hence atol 1e-6 on the means
+    torch.testing.assert_close(b.means, a.means, rtol=1e-6, atol=1e-6)
+    from sfm_lib import data
+
+    train = data.load(f"imagefolder:{root}", "train")
+    expected = torch.bincount(train.targets, minlength=2) - torch.tensor([0, 1])  # less the bad file
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.counts.long(), expected)
     assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1
     assert b.meta["skipped"] == a.meta["skipped"] == [str(bad)]
     assert {k: v for k, v in a.meta.items() if k != "world_size"} == \
