@@ -180,16 +180,18 @@ def synthetic_real_dataset(num_classes: int, images: int, resolution: int, seed:
 
 def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, ipc: int = 1, resolution: int = 64,
                 crop: int | None = None, augs: int = 1, two_pass: bool = False, chunk_size: int = 256,
-                param: str = "pixels", steps: int = 6, warmup: int = 2, optimizer: bool = True,
+                param: str = "pixels", steps: int = 6, warmup: int | None = None, optimizer: bool = True,
                 dataset=None) -> dict[str, Any]:
     """Median wall time and peak CUDA memory of full distillation steps of ``method`` ("sfm" / "lgm" / "clp"), the
     loop's own :meth:`sfm_lib.distill.Distiller.step`: for LGM it includes drawing the head, reading and
     augmenting the real batch of ipc·A·C images and its forward pass. SFM's statistics are random (cost does
     not depend on them); LGM reads ``dataset``, or an in-memory :func:`synthetic_real_dataset` when None; CLP
     scores its probe on a table of random "real" features (2048 per step, as the method's default).
-    ``optimizer=False`` leaves out Adam (a bare gradient step). Peak memory is NaN on the CPU (see
+    ``warmup`` untimed steps first (None: 2 on CUDA, 1 on the CPU). ``optimizer=False`` leaves out Adam (a
+    bare gradient step). Peak memory is NaN on the CPU (see
     :func:`methods_cost`, which measures it in a fresh process)."""
     dev = backbone.device
+    warmup = (2 if dev.type == "cuda" else 1) if warmup is None else warmup  # CUDA: lazy init, autotuning
     crop = crop or resolution
     cfg = distill.DistillConfig(ipc=ipc, steps=warmup + steps, resolution=resolution, crop=crop, augs=augs,
                                 param=param, two_pass=two_pass, chunk_size=chunk_size, progress=False)
