@@ -35,7 +35,7 @@ def fake_world(monkeypatch):
         return DistilledSet(torch.full((2, 3, 4, 4), float(steps)), torch.arange(2), ["a", "b"],
                             {"steps": steps})
 
-    def probe(backbone, result, test, resolution, *, epochs, seeds, views):
+    def probe(backbone, result, test, resolution, *, epochs, seeds, views, transform=None):
         return evaluate.ProbeResult([float(result.images.mean())] * len(seeds), list(seeds))
 
     monkeypatch.setattr(experiments, "distilled", distilled)
