@@ -40,7 +40,7 @@ book: setup
 	@echo "book: open _build/html/index.html"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Every page of _build/html in headless Chromium with the network off: raw TeX, unrendered formulas,
 # broken images, tracebacks/warnings in outputs, JavaScript errors. Screenshots in _build/screenshots.
