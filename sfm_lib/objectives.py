@@ -366,12 +366,6 @@ def _seed_of(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def _gather(dataset: Dataset, idx: Tensor, resolution: int) -> Tensor:
-    """Images ``idx`` of ``dataset`` as float [B, 3, resolution, resolution] in [0, 1] (CPU), resized as the
-    statistics pass resizes (:func:`sfm_lib.data.real_images`)."""
-    return real_images(dataset, idx, resolution)
-
-
 class RealStream:
     """An endless, reproducible stream of real training images: each epoch a fresh permutation drawn from
     (``seed``, pool, epoch), consumed in order; a batch may run into the next epoch. ``balanced=False``: one
@@ -451,7 +445,7 @@ class RealStream:
         workers = self._workers()
         if workers == 0:
             idx = self.next_indices()
-            return _gather(self.dataset, idx[lo:hi], resolution), self.targets[idx]
+            return real_images(self.dataset, idx[lo:hi], resolution), self.targets[idx]
         key = (resolution, lo, hi)
         if self._ahead is None or self._ahead[0] != key:
             pieces = max(1, min(workers, hi - lo))

@@ -208,7 +208,8 @@ def test_lgm_with_a_zero_head_and_balanced_batches_is_sfm_against_the_batch_flow
     """The theory on the real LGM objective: at W = 0 with class-balanced real batches, LGM's loss is
     1 − cos(flow of the real batch, flow of the synthetic views)."""
     from sfm_lib import data, objectives
-    from sfm_lib.objectives import RealStream, _gather
+    from sfm_lib.data import real_images
+    from sfm_lib.objectives import RealStream
 
     crop, C = 32, 10
     train = data.subset_per_class(fmnist_train, 4)
@@ -221,7 +222,7 @@ def test_lgm_with_a_zero_head_and_balanced_batches_is_sfm_against_the_batch_flow
     stream = RealStream(train, 2 * C, seed=3, balanced=True)  # the same stream: the same first batch
     idx = stream.next_indices()
     with torch.no_grad():
-        z_real = lite0.features(_gather(train, idx, crop), crop).double()
+        z_real = lite0.features(real_images(train, idx, crop), crop).double()
         z_syn = lite0.features(images, crop).double()
     y_real = stream.targets[idx]
     real_means = torch.stack([z_real[y_real == c].mean(0) for c in range(C)])

@@ -159,14 +159,15 @@ def jpeg_train(tmp_path_factory):
 
 
 def test_prefetched_real_batches_are_the_gathered_ones(jpeg_train):
-    from sfm_lib.objectives import RealStream, _gather
+    from sfm_lib.data import real_images
+    from sfm_lib.objectives import RealStream
 
     plain = RealStream(jpeg_train, 5, seed=1, num_workers=0)
     ahead = RealStream(jpeg_train, 5, seed=1, num_workers=2)
     for step in range(4):  # 20 images of a 12-image folder: batches run into the next epochs
         rows = (1, 4) if step == 2 else None  # a torchrun rank's block of the batch
         idx = plain.next_indices()
-        want = _gather(jpeg_train, idx if rows is None else idx[1:4], 24)
+        want = real_images(jpeg_train, idx if rows is None else idx[1:4], 24)
         x, y = ahead.next(24, rows)
         assert torch.equal(x, want) and torch.equal(y, jpeg_train.targets[idx]), step
         assert torch.equal(ahead.position, plain.position)
