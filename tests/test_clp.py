@@ -5,7 +5,6 @@ processes) against one process.
 Also the script torchrun launches in the last test (see ``__main__`` at the end)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -13,11 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfm_lib import distill
 from sfm_lib.augment import Augment
 from sfm_lib.clp import CLPObjective, MultiCLPObjective, clp, clp_loss, krr_probe
 from sfm_lib.data import DistilledSet, TensorImageDataset
-from sfm_lib.images import make_images
 
 C, RES = 3, 32
 
@@ -119,18 +116,11 @@ def test_objective_refuses_bad_input_in_one_line():
 
 
 def test_two_pass_gradient_equals_one_pass(lite0, single_thread):
+    from toydata import one_and_two_pass
+
     table, labels = _table(40, lite0.feature_dim)
-    grads, losses = [], []
-    for two_pass in (False, True):
-        obj = CLPObjective(table.abs(), labels, C, "cpu", real_batch=16, seed=0)
-        obj.begin_step()
-        images = make_images("pixels", 2 * C, RES, generator=torch.Generator().manual_seed(1))
-        aug = Augment()
-        params = aug.sample(4 * C, torch.Generator().manual_seed(7))
-        lab, slots = torch.arange(C).repeat_interleave(2), torch.arange(2).repeat(C)
-        losses.append(float(distill.step_gradient(images, lite0, obj, aug, params, lab, slots, 2, RES,
-                                                  two_pass=two_pass, chunk_size=5)))
-        grads.append(images.pixels.grad.clone())
+    losses, grads = one_and_two_pass(lite0, lambda: CLPObjective(table.abs(), labels, C, "cpu", real_batch=16,
+                                                                 seed=0), C, RES)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6 * float(grads[0].abs().max()))

@@ -11,7 +11,6 @@ from sfm_lib.augment import Augment
 from sfm_lib.backbones import square_resize
 from sfm_lib.cli import main
 from sfm_lib.data import DistilledSet, TensorImageDataset, load, subset
-from sfm_lib.images import make_images
 from sfm_lib.objectives import LGMObjective, RealStream, head_gradient
 
 C, RES = 3, 32
@@ -134,17 +133,10 @@ def test_objective_matches_a_hand_computation(lite0, toy_real):
 
 
 def test_lgm_two_pass_gradient_equals_one_pass(lite0, toy_real):
-    grads, losses = [], []
-    for two_pass in (False, True):
-        obj = LGMObjective(toy_real, lite0, ipc=2, augs=2, resolution=RES, head_std=0.01, seed=0)
-        obj.begin_step()
-        images = make_images("pixels", 2 * C, RES, generator=torch.Generator().manual_seed(1))
-        aug = Augment()
-        params = aug.sample(4 * C, torch.Generator().manual_seed(7))
-        labels, slots = torch.arange(C).repeat_interleave(2), torch.arange(2).repeat(C)
-        losses.append(float(distill.step_gradient(images, lite0, obj, aug, params, labels, slots, 2, RES,
-                                                  two_pass=two_pass, chunk_size=5)))
-        grads.append(images.pixels.grad.clone())
+    from toydata import one_and_two_pass
+
+    losses, grads = one_and_two_pass(lite0, lambda: LGMObjective(toy_real, lite0, ipc=2, augs=2, resolution=RES,
+                                                                 head_std=0.01, seed=0), C, RES)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7 * float(grads[0].abs().max()))
