@@ -47,7 +47,6 @@ import os
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .data import PAPER, SQUARE, EvalTransform, square_resize
 from .utils import resolve_device

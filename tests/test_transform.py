@@ -4,7 +4,6 @@ bit), torchvision's tensor transforms (to float rounding) and timm's own `create
 pass, the probes' view 0 and every cache key."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
