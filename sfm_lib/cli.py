@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -20,7 +23,11 @@ class CliError(Exception):
 
 def _probe_flags(p, epochs: int | None, epochs_help: str, mismatch_help: str) -> None:
     """The flags of every command that trains probes and reports their top-1."""
-    p.add_argument("--seeds", type=int, default=3, help="number of probe seeds (0..N-1)")
+    p.add_argument("--seeds", type=int, default=None, help="number of probe seeds, 0..N-1 (default 3; with "
+                                                           "--preset paper the papers' five, 3407-3411)")
+    p.add_argument("--preset", default=None, choices=["paper"],
+                   help="paper: the papers' protocol, probe seeds 3407-3411 and top-1 mean ± population std, with "
+                        "--test-transform paper unless given")
     p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     p.add_argument("--views", type=int, default=40, help="precomputed augmented views per image")
     p.add_argument("--json", default=None, help="write top1_mean, top1_std (percent), seeds, ... as JSON")
@@ -38,10 +45,28 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
                         "or any timm model name (internet for weights)")
     p.add_argument("--resolution", type=int, default=64, help="backbone input resolution in pixels")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--test-transform", default="square", choices=["square", "paper", "model"],
+    p.add_argument("--test-transform", default=None, choices=["square", "paper", "model"],
                    help="how real images become the backbone's input (statistics, test, probes): square = centre "
                         "square, bilinear (the offline default); paper = Resize(256) -> CenterCrop(224), bicubic "
                         "(the papers'); model = the backbone's own timm config")
+
+
+def _transform_kind(a: argparse.Namespace) -> str:
+    """--test-transform, else paper under an eval/baselines --preset paper, else square."""
+    if a.test_transform:
+        return a.test_transform
+    return "paper" if getattr(a, "preset", None) == "paper" and hasattr(a, "allow_class_mismatch") else "square"
+
+
+def _probe_seeds(a: argparse.Namespace) -> tuple[int, ...]:
+    """--seeds N → 0..N−1; without it the papers' five seeds under --preset paper, else 0, 1, 2."""
+    from .evaluate import PAPER_PROBE_SEEDS
+
+    if a.seeds is not None:
+        if a.seeds < 1:
+            raise CliError(f"--seeds must be ≥ 1, got {a.seeds}")
+        return tuple(range(a.seeds))
+    return PAPER_PROBE_SEEDS if a.preset == "paper" else (0, 1, 2)
 
 
 _DISTRIBUTED_COMMANDS = ("stats", "distill")
@@ -78,7 +103,7 @@ def _cmd_stats(a: argparse.Namespace) -> None:
     st = stats.extract(bb, ds, a.resolution, batch_size=a.batch_size, num_workers=a.workers, kmeans_k=a.kmeans,
                        cache_features=a.cache_features, skip_bad=a.skip_bad, checkpoint=checkpoint,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.quiet,
-                       transform=backbones.eval_transform(bb, a.test_transform))
+                       transform=backbones.eval_transform(bb, _transform_kind(a)))
     if distributed.is_main():
         st.save(a.out)
     distributed.barrier()  # the output is written before any rank drops its checkpoint
@@ -138,6 +163,25 @@ def _distill_kwargs(a: argparse.Namespace, setting=None) -> dict:
             "checkpoint_every": a.checkpoint_every, "resume": a.resume}
 
 
+def _init_images(path: str, ipc: int, resolution: int, classes) -> "torch.Tensor":
+    """The images of the distilled set at ``path`` as a start: C·ipc images in class-major order at
+    ``resolution`` px, of the same classes; anything else is one line that says what differs."""
+    from .data import DistilledSet
+
+    try:
+        ds = DistilledSet.load(path)
+    except (OSError, ValueError) as err:
+        raise CliError(f"--init-from {path}: cannot read a distilled set ({err})") from None
+    want = (len(classes) * ipc, resolution)
+    got = (ds.images.shape[0], ds.images.shape[-1])
+    if list(ds.classes) != list(classes) or got != want:
+        raise CliError(f"--init-from {path} holds {got[0]} images of {got[1]} px of classes {list(ds.classes)[:3]}…; "
+                       f"this run needs {want[0]} (--ipc {ipc}) of {want[1]} px (--resolution) of "
+                       f"{list(classes)[:3]}…")
+    order = ds.labels.argsort(stable=True)
+    return ds.images[order].float()
+
+
 def _cmd_distill(a: argparse.Namespace) -> None:
     from . import backbones, data, distill, distributed, stats
 
@@ -145,9 +189,9 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     if a.method == "lgm" and a.stats:
         raise CliError("--method lgm matches gradients on real images: pass --dataset (the training set), "
                        "not --stats")
-    if a.method == "clp" and a.stats:
-        raise CliError("--method clp reads the cached features of the real images of --dataset: pass --dataset "
-                       "(the training set), not --stats")
+    if a.method in ("clp", "unrolled") and a.stats:
+        raise CliError(f"--method {a.method} reads the cached features of the real images of --dataset: pass "
+                       f"--dataset (the training set), not --stats")
     if a.method == "sfm" and not a.stats:
         raise CliError("--method sfm needs --stats FILE (class statistics from `python -m sfm_lib stats`)")
     if a.method == "lgm" and len(names) > 1:
@@ -171,12 +215,15 @@ def _cmd_distill(a: argparse.Namespace) -> None:
             raise CliError(f"--init real takes images from --dataset {a.dataset}, but {path} holds statistics "
                            f"of {st.meta['dataset']}; pass --dataset {st.meta['dataset']}")
     bbs = [backbones.load(n, a.device) for n in names]
-    needs_data = r.init == "real" or a.method in ("lgm", "clp")
+    needs_data = r.init == "real" or a.method in ("lgm", "clp", "unrolled")
     with distributed.main_first():  # a download happens once
         train = data.load(a.dataset, "train", root=a.data_root, download=a.download) if needs_data else None
     checkpoint = a.checkpoint or (a.out + ".ckpt")
     kw = _distill_kwargs(a, setting)
     common = dict(init_dataset=train if r.init == "real" else None, checkpoint=checkpoint, compile=a.compile)
+    if a.init_from:
+        kw["init"] = _init_images(a.init_from, a.ipc, a.resolution, train.classes if train is not None else
+                                  sts[0].classes)
     if a.method == "sfm":
         multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
         result = distill.sfm(bbs if len(bbs) > 1 else bbs[0], sts if len(sts) > 1 else sts[0], loss=a.loss,
@@ -187,8 +234,16 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
         result = clp.clp(bbs if len(bbs) > 1 else bbs[0], train, ridge=a.ridge, tau=a.tau, real_batch=a.real_batch,
                          **multi, **kw, **common)
+    elif a.method == "unrolled":
+        from . import unrolled
+
+        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
+        result = unrolled.unrolled(bbs if len(bbs) > 1 else bbs[0], train, probe_steps=a.probe_steps,
+                                   real_batch=a.real_batch, **multi, **kw, **common)
     else:
         result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
+    if a.init_from:
+        result.meta["init_from"] = a.init_from
     result.meta["recipe"] = {"name": r.name, **r.settings()}
     if distributed.is_main():
         result.save(a.out)
@@ -198,10 +253,14 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------- eval, baselines
-def _report(result, json_path: str | None, label: str) -> None:
+def _report(result, json_path: str | None, label: str, paper: bool = False) -> None:
+    """One line that names the metric: top-1 mean ± std over the probe seeds (the sample std; the population
+    std under --preset paper, as the papers' code reports it), then every seed's top-1."""
     per_seed = ", ".join(f"seed {s}: {t:.2f}" for s, t in zip(result.seeds, result.top1))
-    print(f"{label}: top-1 {result.top1_mean:.2f} ± {result.top1_std:.2f} % ({per_seed})")
-    _json_out(json_path, result.to_dict())
+    std, kind = (result.top1_pstd, "population std") if paper else (result.top1_std, "std")
+    print(f"{label}: top-1 mean ± {kind} over {len(result.seeds)} probe seeds {result.top1_mean:.2f} ± {std:.2f} % "
+          f"({per_seed})")
+    _json_out(json_path, {**result.to_dict(), "top1_pstd": result.top1_pstd})
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -217,11 +276,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     if len(ds.classes) != len(test.classes):
         raise CliError(f"{a.distilled} has {len(ds.classes)} classes but {a.dataset} has {len(test.classes)}")
     bb = backbones.load(a.backbone, a.device)
-    result = evaluate.linear_probe(bb, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
+    result = evaluate.linear_probe(bb, ds, test, a.resolution, epochs=a.epochs, seeds=_probe_seeds(a),
                                    views=a.views, allow_class_mismatch=a.allow_class_mismatch,
-                                   transform=backbones.eval_transform(bb, a.test_transform))
+                                   transform=backbones.eval_transform(bb, _transform_kind(a)))
     result.meta.update(distilled=a.distilled, distill_backbone=ds.meta.get("backbone"), dataset=a.dataset)
-    _report(result, a.json, f"{a.distilled} on {bb.name}")
+    _report(result, a.json, f"{a.distilled} on {bb.name}", paper=a.preset == "paper")
 
 
 def _cmd_baselines(a: argparse.Namespace) -> None:
@@ -236,11 +295,11 @@ def _cmd_baselines(a: argparse.Namespace) -> None:
     kw = {} if a.kind == "full" else {"views": a.views}
     if a.epochs:
         kw["epochs"] = a.epochs
-    result = evaluate.baseline(a.kind, bb, train, test, a.resolution, ipc=a.ipc, seeds=tuple(range(a.seeds)),
+    result = evaluate.baseline(a.kind, bb, train, test, a.resolution, ipc=a.ipc, seeds=_probe_seeds(a),
                                distilled=distilled, allow_class_mismatch=a.allow_class_mismatch,
-                               transform=backbones.eval_transform(bb, a.test_transform), **kw)
+                               transform=backbones.eval_transform(bb, _transform_kind(a)), **kw)
     result.meta.update(dataset=a.dataset, ipc=a.ipc)
-    _report(result, a.json, f"{a.kind} baseline on {bb.name}")
+    _report(result, a.json, f"{a.kind} baseline on {bb.name}", paper=a.preset == "paper")
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -325,7 +384,8 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     phi_d = backbones.load(a.distill_backbone, a.device)
     same = a.eval_backbone == a.distill_backbone
     phi_e = phi_d if same else backbones.load(a.eval_backbone, a.device)
-    full_kw = dict(seeds=(0,), epochs=a.full_epochs)
+    t = backbones.eval_transform(phi_d, a.test_transform)  # "model": phi_d's config, for both backbones
+    full_kw = dict(seeds=(0,), epochs=a.full_epochs, transform=t)
     golden = inherit.golden_classifier(phi_d, train, test, a.resolution, **full_kw)
     alphas = ([v if v == inherit.IDENTITY else _floats(v, "--alpha")[0] for v in _split(a.alpha)] if a.alpha
               else inherit.ALPHA_GRID)
@@ -333,13 +393,13 @@ def _cmd_inherit(a: argparse.Namespace) -> None:
     if len(alphas) > 1:
         val = inherit.validation_split(data.load(a.dataset, "val", root=a.data_root, download=a.download),
                                        a.val_per_class)
-        validation = features.compute(phi_e, val, a.resolution, progress=False)
+        validation = features.compute(phi_e, val, a.resolution, progress=False, transform=t)
     clf = inherit.inherit(golden, phi_d, phi_e, ds, a.resolution, views=a.views, seed=a.seed, alpha=alphas,
-                          validation=validation)
+                          validation=validation, transform=t)
     clf.meta.update(distilled=a.distilled, dataset=a.dataset, golden_top1=golden.top1[0])
-    z_e, y = features.compute(phi_e, test, a.resolution, progress=False)
+    z_e, y = features.compute(phi_e, test, a.resolution, progress=False, transform=t)
     normal = evaluate.linear_probe(phi_e, ds, test, a.resolution, epochs=a.epochs, seeds=tuple(range(a.seeds)),
-                                   views=a.probe_views)
+                                   views=a.probe_views, transform=t)
     full = golden if same else evaluate.full_data_probe(phi_e, train, test, a.resolution, **full_kw)
     payload = {"inherited": {"top1": clf.accuracy(z_e, y), "golden_top1": golden.top1[0], **clf.meta},
                "normal_probe": {"top1": normal.top1_mean, "top1_std": normal.top1_std, "seeds": normal.seeds},
@@ -387,6 +447,9 @@ def _inherit_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=1000, help="epochs of the normal probe")
     p.add_argument("--probe-views", type=int, default=40, help="views per image of the normal probe")
     p.add_argument("--full-epochs", type=int, default=10, help="epochs of the golden and full-data probes")
+    p.add_argument("--test-transform", default="square", choices=["square", "paper", "model"],
+                   help="how real images become the input (golden, validation, test, probes): as for eval; model = "
+                        "--distill-backbone's timm config, for both backbones")
     p.add_argument("--save", default=None, help="write the inherited classifier (W, b, P) as safetensors")
     p.add_argument("--json", default=None, help="write inherited / normal_probe / full_data top-1 and storage")
     p.set_defaults(func=_cmd_inherit)
@@ -434,10 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun too (each process forwards the views of a block of classes; same "
                                    "result).")
     _common(p)
-    p.add_argument("--method", default="sfm", choices=["sfm", "lgm", "clp"],
+    p.add_argument("--method", default="sfm", choices=["sfm", "lgm", "clp", "unrolled"],
                    help="sfm: statistical flow matching (needs --stats); lgm: linear gradient matching on real "
                         "images of --dataset; clp: the closed-form linear probe (CLP-DD) scored on the cached "
-                        "features of --dataset")
+                        "features of --dataset; unrolled: the evaluation's probe unrolled on the views, scored on "
+                        "those features (ours: refine an sfm result with --init-from)")
     p.add_argument("--stats", default=None, help="sfm: class statistics from `python -m sfm_lib stats`; several "
                    "backbones: one file per --backbone, comma-separated in the same order")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
@@ -462,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "preset's)")
     p.add_argument("--init", default=None, choices=["noise", "real"], help="start from noise or from random real "
                                                                            "images of --dataset (default: the preset's)")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start from the images of a distilled set (same classes, --ipc and --resolution), e.g. "
+                        "refine an sfm result with --method unrolled")
     p.add_argument("--loss", default="flow", choices=["flow", "mse"], help="flow cosine (SFM) or mean MSE (ablation)")
     p.add_argument("--subclass", action="store_true", help="match image j of a class to its j-th k-means centre")
     p.add_argument("--ema", type=float, default=None, help="running average of the synthetic class means in the "
@@ -475,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balanced", action="store_true", help="lgm: class-balanced real batches (default shuffled)")
     p.add_argument("--ridge", type=float, default=0.01, help="clp: ridge of the kernel probe, relative to tr(K)/M")
     p.add_argument("--tau", type=float, default=0.1, help="clp: temperature of the cross-entropy on real features")
-    p.add_argument("--real-batch", type=int, default=2048, help="clp: real features per step")
+    p.add_argument("--real-batch", type=int, default=2048, help="clp, unrolled: real features per step")
+    p.add_argument("--probe-steps", type=int, default=20, help="unrolled: Adam steps of the unrolled probe")
     p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-bounded backward, same gradient (default: automatic on CUDA, off on CPU)")
     p.add_argument("--chunk-size", type=int, default=None,

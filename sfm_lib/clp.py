@@ -148,6 +148,10 @@ class CLPObjective:
             lay = _layout_for_torchrun(self)
             z = _all_rows(z, lay.rank_views(z.device), lay.size)
             labels = lay.labels(z.device)
+        return self.loss(z, labels)
+
+    def loss(self, z: Tensor, labels: Tensor) -> Tensor:
+        """The loss of all views ``z`` with their ``labels`` against this step's real batch."""
         return clp_loss(z, labels, self.z_real, self.y_real, self.C, self.ridge, self.tau).float()
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -197,9 +201,29 @@ def clp(backbone: Backbone | Sequence[Backbone], dataset, ipc: int = 1, steps: i
 
     Several backbones: a list; each has its own feature cache at its own input size (``backbone_crops``,
     default the loop's crop) and L = Σ_k w_k L_k / Σ_k w_k (``backbone_weights``, default equal)."""
-    if not hasattr(dataset, "targets") or not hasattr(dataset, "classes"):
-        raise ValueError("CLP needs the real training set with .targets and .classes (e.g. data.load(...))")
     config = distill._config(locals())
+
+    def part(table, table_labels, num_classes, device, seed, source):
+        return CLPObjective(table, table_labels, num_classes, device, ridge=ridge, tau=tau, real_batch=real_batch,
+                            seed=seed, source=source)
+
+    result = _distil_on_real_features(backbone, dataset, part, config, progress=progress, callback=callback,
+                                      init_dataset=init_dataset, backbone_weights=backbone_weights,
+                                      backbone_crops=backbone_crops)
+    result.meta.update(ridge=ridge, tau=tau, real_batch=real_batch, centred=True)
+    return result
+
+
+def _distil_on_real_features(backbone: Backbone | Sequence[Backbone], dataset, part: Callable[..., CLPObjective],
+                             config: distill.DistillConfig, *, progress: bool, callback: Callable | None,
+                             init_dataset, backbone_weights: Sequence[float] | None,
+                             backbone_crops: Sequence[int] | None) -> DistilledSet:
+    """The loop of an objective scored on cached real features (CLP-DD, unrolled-probe matching): each
+    backbone's feature cache of ``dataset`` at its input size, one objective per backbone from
+    ``part(table, table_labels, num_classes, device, seed=, source=)``, combined over several backbones by
+    :class:`MultiCLPObjective` (L = Σ_k w̄_k L_k), then :func:`sfm_lib.distill.run`."""
+    if not hasattr(dataset, "targets") or not hasattr(dataset, "classes"):
+        raise ValueError("this method needs the real training set with .targets and .classes (e.g. data.load(...))")
     bbs = list(backbone) if isinstance(backbone, (list, tuple)) else [backbone]
     if len(bbs) == 1 and (backbone_weights is not None or backbone_crops is not None):
         raise ValueError("backbone_weights and backbone_crops need a list of at least 2 backbones")
@@ -210,14 +234,13 @@ def clp(backbone: Backbone | Sequence[Backbone], dataset, ipc: int = 1, steps: i
     parts = []
     for bb, size in zip(bbs, sizes):
         table, table_labels = real_features(bb, dataset, size, progress)
-        parts.append(CLPObjective(table, table_labels, len(dataset.classes), bb.device, ridge=ridge, tau=tau,
-                                  real_batch=real_batch, seed=seed, source={**source, "features_size": size}))
+        parts.append(part(table, table_labels, len(dataset.classes), bb.device, seed=config.seed,
+                          source={**source, "features_size": size}))
     objective = parts[0] if len(bbs) == 1 else MultiCLPObjective(parts, phi.dims, backbone_weights, phi.names,
                                                                   sizes)
     result = distill.run(phi, objective, config, dataset.classes, callback=callback,
                          init_dataset=dataset if init_dataset is None else init_dataset)
-    result.meta.update(ridge=ridge, tau=tau, real_batch=real_batch, centred=True, dataset=source["dataset"],
-                       features_resolution=sizes[0] if len(bbs) == 1 else sizes)
+    result.meta.update(dataset=source["dataset"], features_resolution=sizes[0] if len(bbs) == 1 else sizes)
     if len(bbs) > 1:
         result.meta.update(backbones=phi.names, backbone_weights=objective.weights, backbone_crops=sizes)
     return result

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from . import backbones, cache, clp, data, distill, evaluate, features, stats
+from . import backbones, cache, clp, data, distill, evaluate, features, stats, unrolled
 from .augment import Augment
 from .utils import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Context", "prepare", "distilled", "step_seconds", "sweep", "ABLATIONS"]
+__all__ = ["Context", "prepare", "distilled", "step_seconds", "sweep", "ABLATIONS", "REFINE_FRACTION", "REFINE_LR"]
 
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "augs": {"A=1": {"augs": 1}, "A=2": {"augs": 2}},
@@ -122,13 +122,16 @@ def _contexts(ctx: Context | Sequence[Context]) -> tuple[list[Context], Any, Any
 
 
 _SIGNATURES = {"sfm": inspect.signature(distill.sfm), "lgm": inspect.signature(distill.lgm),
-               "clp": inspect.signature(clp.clp)}
+               "clp": inspect.signature(clp.clp), "unrolled": inspect.signature(unrolled.unrolled)}
 
 
 def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_scale: float | None = None,
               noise_p: float | None = None, **kwargs) -> data.DistilledSet:
     """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)`` (``method="lgm"``:
-    ``distill.lgm(ctx.backbone, ctx.train, ...)``), cached on disk by its arguments and the statistics (LGM:
+    ``distill.lgm(ctx.backbone, ctx.train, ...)``; ``"clp"`` and ``"unrolled"`` likewise on ``ctx.train``;
+    ``"sfm+unrolled"``: SFM, then unrolled-probe matching for the last ``refine_fraction`` of the steps, see
+    :func:`_refined`),
+    cached on disk by its arguments and the statistics (LGM:
     the training set). With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run always happens,
     since its side effects are wanted, and its result is stored for later calls. The memory plan
     (``two_pass``, ``chunk_size``) and ``compile`` are not part of the key: they do not change the result.
@@ -141,8 +144,10 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     backbones and statistics are paired in order (``backbone_weights``, ``backbone_crops`` as in
     :func:`sfm_lib.distill.sfm`); the first context gives the training images and the resolution. The key
     holds every backbone and the fingerprint of each one's statistics."""
+    if method == "sfm+unrolled":
+        return _refined(ctx, crop_scale=crop_scale, noise_p=noise_p, **kwargs)
     if method not in _SIGNATURES:
-        raise ValueError(f"method must be one of {sorted(_SIGNATURES)}, got {method!r}")
+        raise ValueError(f"method must be one of {sorted(_SIGNATURES) + ['sfm+unrolled']}, got {method!r}")
     contexts, phi, stats = _contexts(ctx)
     if len(contexts) > 1 and method != "sfm":
         raise ValueError(f"several backbones work with method='sfm' only, got {method!r}")
@@ -166,10 +171,43 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats,
                                            transform=ctx.transform)
         kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
-    entry = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp}[method]  # looked up now (tests patch them)
+    entry = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp, "unrolled": unrolled.unrolled}[method]  # looked up now (tests patch them)
     result = entry(phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)
+    return result
+
+
+REFINE_FRACTION, REFINE_LR = 0.3, 0.01
+"""Ours, ``method="sfm+unrolled"``: the last 30 % of the run's steps refine SFM's images by unrolled-probe
+matching at lr 0.01 (chosen on the validation split of the offline default, chapter 4)."""
+
+
+def _refined(ctx: Context | Sequence[Context], *, refine_fraction: float = REFINE_FRACTION,
+             refine_lr: float = REFINE_LR, steps: int = 1000, callback=None, **kwargs) -> data.DistilledSet:
+    """``method="sfm+unrolled"`` of :func:`distilled`: SFM for ``steps − R`` steps (``kwargs`` as for SFM),
+    then :func:`sfm_lib.unrolled.unrolled` from its images for R = round(``refine_fraction``·steps) steps at
+    ``refine_lr`` (the same augmentation, views and seed). Both stages are cached as their own runs; a
+    ``callback`` sees the steps numbered through both (0 … steps − 1), so a :class:`StepClock` times the whole."""
+    if not 0 <= refine_fraction <= 1:
+        raise ValueError(f"refine_fraction must lie in [0, 1], got {refine_fraction}")
+    refine_steps = round(refine_fraction * steps)
+    sfm_only = set(_SIGNATURES["sfm"].parameters) - set(_SIGNATURES["unrolled"].parameters)
+    probe_only = set(_SIGNATURES["unrolled"].parameters) - set(_SIGNATURES["sfm"].parameters)
+    first = distilled(ctx, method="sfm", steps=steps - refine_steps, callback=callback,
+                      **{k: v for k, v in kwargs.items() if k not in probe_only})
+    if refine_steps == 0:
+        return first
+    then = {k: v for k, v in kwargs.items() if k not in sfm_only | {"init", "init_dataset", "lr"}}
+    offset = steps - refine_steps
+    shifted = None if callback is None else (lambda step, loss, images: callback(step + offset, loss, images))
+    result = distilled(ctx, method="unrolled", steps=refine_steps, lr=refine_lr, init=first.images.clone(),
+                       callback=shifted, **then)
+    history = list(first.meta.get("loss_history", [])) + list(result.meta.get("loss_history", []))
+    result.meta.update(method="sfm+unrolled", sfm_steps=offset, refine_steps=refine_steps, refine_lr=refine_lr,
+                       refine_fraction=refine_fraction,
+                       loss_history=history, steps=steps,
+                       time_s=round(first.meta.get("time_s", 0.0) + result.meta.get("time_s", 0.0), 2))
     return result
 
 

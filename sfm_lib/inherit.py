@@ -37,7 +37,7 @@ from . import data, evaluate
 from . import features as features_mod
 from .backbones import Backbone
 from .cache import backbone_identity
-from .data import DistilledSet
+from .data import DistilledSet, EvalTransform
 from .utils import load_tensors, save_tensors
 
 if TYPE_CHECKING:
@@ -80,17 +80,18 @@ def _golden_weights(golden: evaluate.ProbeResult | tuple[Tensor, Tensor]) -> tup
 # -------------------------------------------------------------------------------------------- projector
 def paired_view_features(distill_backbone: Backbone, eval_backbone: Backbone, images: Tensor, resolution: int,
                          views: int, seed: int = 0, *, cache: dict | None = None,
-                         cache_key: Any = None) -> tuple[Tensor, Tensor]:
+                         cache_key: Any = None, transform: EvalTransform | None = None) -> tuple[Tensor, Tensor]:
     """φ_e and φ_d features of the same ``views`` views of every image: (Z_e [N·K, D_e], Z_d [N·K, D_d]), row
     j·K + k the k-th view of image j. Views from :func:`sfm_lib.evaluate.view_features` with one ``seed`` for
     both backbones, so both see identical crops (view 0 un-augmented, the others flip + random resized crop).
     ``cache`` (a dict) with ``cache_key`` (naming the images) keeps each backbone's features for later calls.
+    ``transform``: how view 0 becomes the input, as the test pass makes it (:func:`sfm_lib.evaluate.view_features`).
     """
     def feats(bb: Backbone) -> Tensor:
-        key = (cache_key, bb.name, resolution, views, seed)
+        key = (cache_key, bb.name, resolution, views, seed, transform)
         if cache is not None and cache_key is not None and key in cache:
             return cache[key]
-        z = evaluate.view_features(bb, images, resolution, views, seed).flatten(0, 1)
+        z = evaluate.view_features(bb, images, resolution, views, seed, transform).flatten(0, 1)
         if cache is not None and cache_key is not None:
             cache[key] = z
         return z
@@ -229,10 +230,11 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
             eval_backbone: Backbone, images: DistilledSet | Dataset | Tensor, resolution: int, *,
             views: int = 100, seed: int = 0, alpha: float | str | Sequence[float | str] = DEFAULT_ALPHA,
             validation: tuple[Tensor, Tensor] | None = None, classes: Sequence[str] | None = None,
-            cache: dict | None = None, cache_key: Any = None) -> InheritedClassifier:
+            cache: dict | None = None, cache_key: Any = None,
+            transform: EvalTransform | None = None) -> InheritedClassifier:
     """Fit P on ``views`` views of ``images`` (no labels used; normally the distilled set) and compose it
-    with the golden (W, b) of φ_d = ``distill_backbone``. Stored in float32. ``cache``/``cache_key``: see
-    :func:`paired_view_features`.
+    with the golden (W, b) of φ_d = ``distill_backbone``. Stored in float32. ``cache``/``cache_key`` and
+    ``transform`` (the test transform of the real images): see :func:`paired_view_features`.
 
     ``alpha``: the ridge strength, or several to choose from by top-1 on ``validation`` = (φ_e features
     [N, D_e], labels [N]) of labelled real images (e.g. of :func:`validation_split`); the first best wins,
@@ -251,7 +253,7 @@ def inherit(golden: evaluate.ProbeResult | tuple[Tensor, Tensor], distill_backbo
     x = _images(images, resolution)
     fitted = any(a != IDENTITY for a in alphas)
     z_e, z_d = (paired_view_features(distill_backbone, eval_backbone, x, resolution, views, seed, cache=cache,
-                                     cache_key=cache_key) if fitted else (None, None))
+                                     cache_key=cache_key, transform=transform) if fitted else (None, None))
     if classes is None:
         classes = getattr(images, "classes", None) or [str(i) for i in range(W.shape[0])]
     best, scores = None, {}
@@ -395,15 +397,18 @@ def prepare_side(ctx: Any, backbone: str | Backbone, images_per_class: int = 0, 
                  progress: bool = False) -> Any:
     """A second :class:`sfm_lib.experiments.Context` beside ``ctx``: the same data and resolution with
     another backbone (loaded on ``ctx.backbone``'s device), its class statistics and feature cache on the
-    first ``images_per_class`` training images of each class (0: all of ``ctx.train``)."""
+    first ``images_per_class`` training images of each class (0: all of ``ctx.train``), with ``ctx``'s test
+    transform."""
     from . import backbones as backbones_mod
     from . import stats as stats_mod
     from .experiments import Context
 
     phi = backbone if isinstance(backbone, Backbone) else backbones_mod.load(backbone, ctx.backbone.device)
     train = per_class_split(ctx.train, images_per_class) if images_per_class else ctx.train
-    st = stats_mod.cached_extract(phi, train, ctx.resolution, cache_features=True, progress=progress)
-    return Context(train, ctx.test, phi, st, ctx.resolution, ctx.image_size, ctx.val)
+    transform = getattr(ctx, "transform", None)
+    st = stats_mod.cached_extract(phi, train, ctx.resolution, cache_features=True, progress=progress,
+                                  transform=transform)
+    return Context(train, ctx.test, phi, st, ctx.resolution, ctx.image_size, ctx.val, transform)
 
 
 # ------------------------------------------------------------------------------------------- comparison
@@ -417,7 +422,8 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                pairs: Sequence[tuple], *, ipc: int = 1, views: int = 100,
                alpha: float | str | Sequence[float | str] = DEFAULT_ALPHA, validation: Dataset | None = None,
                seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
-               full_epochs: int = 10, progress: bool = False, keep: dict | None = None) -> "pd.DataFrame":
+               full_epochs: int = 10, progress: bool = False, keep: dict | None = None,
+               transform: EvalTransform | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
     ``sides``: backbone name → an object with ``.backbone``, ``.train`` (and optionally ``.stats``), e.g. an
@@ -437,7 +443,9 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     against φ_d on the test split),
     ``identity_gap`` (‖A − I‖_F / ‖I‖_F when φ_e = φ_d), ``storage_bytes`` (what must be kept: W, b and P
     in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``. ``keep``: a dict
-    that receives every inherited classifier under (φ_d name, φ_e name, fit set).
+    that receives every inherited classifier under (φ_d name, φ_e name, fit set). ``transform``: how real
+    images become the input (test, validation, golden and full-data features, probes, fit views), e.g.
+    ``ctx.transform``; part of every feature cache key.
     """
     import time
 
@@ -450,16 +458,17 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
         if name not in full:
             side = sides[name]
             full[name] = golden_classifier(side.backbone, side.train, test, resolution, seeds=tuple(probe_seeds),
-                                           epochs=full_epochs, progress=progress)
+                                           epochs=full_epochs, progress=progress, transform=transform)
         return full[name]
 
-    test_feats = {name: features_mod.compute(sides[name].backbone, test, resolution, progress=progress)
-                  for name in sides}
+    test_feats = {name: features_mod.compute(sides[name].backbone, test, resolution, progress=progress,
+                                             transform=transform) for name in sides}
     if validation is not None:
         for side in sides.values():
             _check_unseen(validation, side.train)
     val_feats = {name: (None if validation is None else
-                        features_mod.compute(sides[name].backbone, validation, resolution, progress=progress))
+                        features_mod.compute(sides[name].backbone, validation, resolution, progress=progress,
+                                             transform=transform))
                  for name in sides}
     rows = []
     for pair in pairs:
@@ -481,9 +490,11 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                 images = evaluate.random_subset(sides[d].train, ipc, seed)
             else:
                 images = evaluate.centroid_subset(phi_d, sides[d].train, resolution, ipc,
-                                                  stats=getattr(sides[d], "stats", None), progress=progress)
+                                                  stats=getattr(sides[d], "stats", None), progress=progress,
+                                                  transform=transform)
             clf = inherit(golden, phi_d, phi_e, images, resolution, views=views, seed=seed, alpha=alpha,
-                          validation=val_feats[e], classes=dset.classes, cache=view_cache, cache_key=(d, fit))
+                          validation=val_feats[e], classes=dset.classes, cache=view_cache, cache_key=(d, fit),
+                          transform=transform)
             if keep is not None:
                 keep[(d, e, fit)] = clf
             z_e, y = test_feats[e]
@@ -497,7 +508,7 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                          "time_s": time.perf_counter() - t0})
         t0 = time.perf_counter()
         normal = evaluate.linear_probe(phi_e, dset, test, resolution, epochs=epochs, seeds=tuple(probe_seeds),
-                                       views=probe_views, progress=progress)
+                                       views=probe_views, progress=progress, transform=transform)
         rows.append({**base, "method": "normal probe", "fit_on": None, "top1": normal.top1_mean,
                      "top1_std": normal.top1_std, "storage_bytes": png_bytes(dset.images),
                      "time_s": time.perf_counter() - t0})

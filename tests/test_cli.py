@@ -66,7 +66,15 @@ def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeyp
     got = json.loads(res.read_text())
     assert {"top1_mean", "top1_std", "seeds"} <= got.keys() and got["seeds"] == [0, 1]
     printed = capsys.readouterr().out
-    assert "top-1" in printed and "recipe fmnist-lite0-64 + steps=3: steps 3, augs 1, ema 0.7" in printed
+    assert "top-1 mean ± std over 2 probe seeds" in printed
+    assert "recipe fmnist-lite0-64 + steps=3: steps 3, augs 1, ema 0.7" in printed
+    paper = tmp_path / "paper.json"  # the papers' protocol: five seeds 3407-3411, population std
+    assert main(["eval", "--distilled", str(out_path), "--resolution", "32", "--preset", "paper", "--epochs", "2",
+                 "--views", "2", "--json", str(paper), "--device", "cpu", "--test-transform", "square"]) == 0
+    got = json.loads(paper.read_text())
+    assert got["seeds"] == [3407, 3408, 3409, 3410, 3411]
+    assert got["top1_pstd"] == pytest.approx(float(torch.tensor(got["top1"]).std(unbiased=False)))
+    assert "population std over 5 probe seeds" in capsys.readouterr().out
     for kind in ["random", "centroids", "neighbors", "full"]:
         res = tmp_path / f"{kind}.json"
         args = ["baselines", "--kind", kind, "--resolution", "32", "--seeds", "2", "--epochs", "2",

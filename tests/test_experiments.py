@@ -90,3 +90,21 @@ def test_step_seconds_of_one_and_two_backbones(ctx):
     one = experiments.step_seconds(ctx, steps=2, repeats=1, init="real")
     two = experiments.step_seconds([ctx, ctx1], steps=2, repeats=1, init="real")
     assert 0 < one and 0 < two
+
+
+def test_sfm_then_unrolled_runs_both_stages_from_one_start_and_numbers_the_steps_through(ctx):
+    """Ours: SFM for 7 of 10 steps, then the unrolled probe for 3 from SFM's images; the callback sees
+    steps 0 … 9, and each stage is the cached run of its method."""
+    seen = []
+    ours = experiments.distilled(ctx, method="sfm+unrolled", steps=10, seed=2, init="real", real_batch=32,
+                                 probe_steps=3, callback=lambda step, loss, images: seen.append(step))
+    assert seen == list(range(10))
+    assert ours.meta["method"] == "sfm+unrolled" and ours.meta["sfm_steps"] == 7 and ours.meta["refine_steps"] == 3
+    assert len(ours.meta["loss_history"]) == 10 and ours.meta["refine_lr"] == experiments.REFINE_LR
+    first = experiments.distilled(ctx, steps=7, seed=2, init="real")
+    assert not torch.equal(first.images, ours.images), "the refinement moved the images"
+    then = experiments.distilled(ctx, method="unrolled", steps=3, seed=2, init=first.images.clone(),
+                                 lr=experiments.REFINE_LR, real_batch=32, probe_steps=3)
+    torch.testing.assert_close(then.images, ours.images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="refine_fraction must lie in"):
+        experiments.distilled(ctx, method="sfm+unrolled", steps=10, refine_fraction=1.5)

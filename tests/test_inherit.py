@@ -143,6 +143,17 @@ def test_same_view_goes_into_both_backbones(tiny, mixed, splits):
     torch.testing.assert_close(c.float(), mixed.model.shift, rtol=1e-3, atol=1e-3)
     z_e2, _ = paired_view_features(mixed, tiny, images, RES, views=6, seed=4)
     assert not torch.allclose(z_e2[6:], z_e[6:])  # another seed, other views (view 0 is shared)
+    # the test transform reaches view 0 of both backbones, as the test pass applies it (the views stay)
+    from sfm_lib.data import PAPER
+
+    cache: dict = {}
+    t_e, t_d = paired_view_features(mixed, tiny, images, RES, views=6, seed=3, transform=PAPER, cache=cache,
+                                    cache_key="x")
+    torch.testing.assert_close(t_e.view(8, 6, -1), evaluate.view_features(tiny, images, RES, 6, 3, PAPER))
+    assert not torch.allclose(t_e.view(8, 6, -1)[:, 0], z_e.view(8, 6, -1)[:, 0])
+    torch.testing.assert_close(t_e.view(8, 6, -1)[:, 1:], z_e.view(8, 6, -1)[:, 1:])
+    again, _ = paired_view_features(mixed, tiny, images, RES, views=6, seed=3, cache=cache, cache_key="x")
+    torch.testing.assert_close(again, z_e)  # the transform is part of the in-memory cache key
 
 
 # ------------------------------------------------------------------------------------------ classifier

@@ -54,7 +54,18 @@ def test_every_command_runs_on_the_mixed_folder(folder, tmp_path, capsys):
     assert main(["distill", *common, "--method", "clp", "--steps", "2", "--init", "real", "--real-batch", "16",
                  "--out", str(clp)]) == 0
     assert DistilledSet.load(clp).meta["method"] == "clp"
-    for path in (sfm, lgm, clp):
+    refined = tmp_path / "refined.safetensors"  # ours: the sfm result refined by unrolled-probe matching
+    assert main(["distill", *common, "--method", "unrolled", "--init-from", str(sfm), "--steps", "2", "--lr", "0.01",
+                 "--probe-steps", "3", "--real-batch", "16", "--out", str(refined)]) == 0
+    meta = DistilledSet.load(refined).meta
+    assert meta["method"] == "unrolled" and meta["init_from"] == str(sfm) and meta["unrolled.probe_steps"] == 3
+    assert not torch.equal(DistilledSet.load(refined).images, DistilledSet.load(sfm).images)
+    capsys.readouterr()
+    assert main(["distill", *common, "--method", "unrolled", "--init-from", str(sfm), "--ipc", "2", "--steps", "1",
+                 "--out", str(tmp_path / "no.safetensors")]) == 2
+    bad = capsys.readouterr().err.strip().splitlines()
+    assert len(bad) == 1 and "--init-from" in bad[0] and "needs 6 (--ipc 2)" in bad[0], bad
+    for path in (sfm, lgm, clp, refined):
         d = DistilledSet.load(path)
         assert d.images.shape == (3, 3, RES, RES) and torch.isfinite(d.images).all()
     probe = ["--seeds", "1", "--epochs", "2", "--views", "2"]
