@@ -52,10 +52,11 @@ def _common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
 
 
 def _transform_kind(a: argparse.Namespace) -> str:
-    """--test-transform, else paper under an eval/baselines --preset paper, else square."""
+    """--test-transform, else paper under eval/baselines' --preset paper, else square (distill's --preset names
+    a recipe, and distill reads no transform)."""
     if a.test_transform:
         return a.test_transform
-    return "paper" if getattr(a, "preset", None) == "paper" and hasattr(a, "allow_class_mismatch") else "square"
+    return "paper" if getattr(a, "preset", None) == "paper" else "square"
 
 
 def _probe_seeds(a: argparse.Namespace) -> tuple[int, ...]:
@@ -224,22 +225,20 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     if a.init_from:
         kw["init"] = _init_images(a.init_from, a.ipc, a.resolution, train.classes if train is not None else
                                   sts[0].classes)
+    phi = bbs if len(bbs) > 1 else bbs[0]  # one backbone, or a list (sfm, clp, unrolled)
+    multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
     if a.method == "sfm":
-        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
-        result = distill.sfm(bbs if len(bbs) > 1 else bbs[0], sts if len(sts) > 1 else sts[0], loss=a.loss,
-                             subclass=a.subclass, **multi, **kw, **common)
+        result = distill.sfm(phi, sts if len(sts) > 1 else sts[0], loss=a.loss, subclass=a.subclass, **multi, **kw,
+                             **common)
     elif a.method == "clp":
         from . import clp
 
-        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
-        result = clp.clp(bbs if len(bbs) > 1 else bbs[0], train, ridge=a.ridge, tau=a.tau, real_batch=a.real_batch,
-                         **multi, **kw, **common)
+        result = clp.clp(phi, train, ridge=a.ridge, tau=a.tau, real_batch=a.real_batch, **multi, **kw, **common)
     elif a.method == "unrolled":
         from . import unrolled
 
-        multi = dict(backbone_weights=weights) if len(bbs) > 1 else {}
-        result = unrolled.unrolled(bbs if len(bbs) > 1 else bbs[0], train, probe_steps=a.probe_steps,
-                                   real_batch=a.real_batch, **multi, **kw, **common)
+        result = unrolled.unrolled(phi, train, probe_steps=a.probe_steps, real_batch=a.real_batch, **multi, **kw,
+                                   **common)
     else:
         result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
     if a.init_from:

@@ -130,9 +130,8 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
     """``distill.sfm(ctx.backbone, ctx.stats, resolution=ctx.resolution, **kwargs)`` (``method="lgm"``:
     ``distill.lgm(ctx.backbone, ctx.train, ...)``; ``"clp"`` and ``"unrolled"`` likewise on ``ctx.train``;
     ``"sfm+unrolled"``: SFM, then unrolled-probe matching for the last ``refine_fraction`` of the steps, see
-    :func:`_refined`),
-    cached on disk by its arguments and the statistics (LGM:
-    the training set). With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run always happens,
+    :func:`_refined`), cached on disk by its arguments and the statistics (LGM, CLP-DD, unrolled: the
+    training set). With a ``callback`` (e.g. :class:`sfm_lib.distill.Snapshots`) the run always happens,
     since its side effects are wanted, and its result is stored for later calls. The memory plan
     (``two_pass``, ``chunk_size``) and ``compile`` are not part of the key: they do not change the result.
 
@@ -171,7 +170,8 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
         nearest = evaluate.centroid_subset(ctx.backbone, ctx.train, ctx.resolution, kwargs.get("ipc", 1), ctx.stats,
                                            transform=ctx.transform)
         kwargs["init"] = data.real_images(nearest, torch.arange(len(nearest)), kwargs["resolution"])
-    entry = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp, "unrolled": unrolled.unrolled}[method]  # looked up now (tests patch them)
+    # looked up now, not at import (tests patch them)
+    entry = {"sfm": distill.sfm, "lgm": distill.lgm, "clp": clp.clp, "unrolled": unrolled.unrolled}[method]
     result = entry(phi, source, **kwargs)
     result.meta["init"] = init_name
     result.save(path)

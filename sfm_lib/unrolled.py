@@ -74,14 +74,14 @@ def unrolled_probe(z: Tensor, targets: Tensor, init: tuple[Tensor, Tensor], step
     if steps < 1 or not budget > 0:
         raise ValueError(f"need steps ≥ 1 and budget > 0, got {steps} and {budget}")
     w, b = init
-    eta = budget / math.fsum(0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps))
+    eta = budget / math.fsum(cosine_lr(k, steps, 1.0) for k in range(steps))  # Σ_k lr_k = budget
     m = len(z)
     mw, vw = torch.zeros_like(w), torch.zeros_like(w)
     mb, vb = torch.zeros_like(b), torch.zeros_like(b)
     for k in range(steps):
         err = torch.softmax(z @ w + b, dim=1) - targets           # P − Y  [M, C]
         gw, gb = z.t() @ err / m, err.mean(0)
-        lr = eta * 0.5 * (1 + math.cos(math.pi * k / steps))
+        lr = cosine_lr(k, steps, eta)
         c1, c2 = 1 - 0.9 ** (k + 1), 1 - 0.999 ** (k + 1)
         mw, vw = 0.9 * mw + 0.1 * gw, 0.999 * vw + 0.001 * gw * gw
         mb, vb = 0.9 * mb + 0.1 * gb, 0.999 * vb + 0.001 * gb * gb
