@@ -6,6 +6,9 @@
 - :func:`step_cost`: time and peak memory of one SFM step (one- or two-pass) for any backbone, class
   count, IPC and image size, with random statistics and optionally random weights (cost does not depend
   on weight values) — the papers' ImageNet-scale settings on a GPU.
+- :func:`fold_gain`: a distillation step's forward and backward, and a feature batch, through the backbone as
+  loaded (batch norms folded, channels-last) against the same model unfolded: the speed-up and the largest
+  feature difference.
 - :func:`methods_cost`: SFM (A = 1, 10) against LGM (A = 1, 3, 10), full steps of the one distillation
   loop, time and peak memory (CUDA: allocator peak; CPU: peak resident memory of a fresh process each).
 """
@@ -26,7 +29,7 @@ from .backbones import Backbone
 from .data import TensorImageDataset
 from .objectives import LGMObjective
 
-__all__ = ["stats_throughput", "jpeg_folder", "step_cost", "method_step", "methods_cost", "methods_table",
+__all__ = ["stats_throughput", "jpeg_folder", "step_cost", "fold_gain", "method_step", "methods_cost", "methods_table",
            "synthetic_real_dataset", "METHOD_CONFIGS"]
 
 
@@ -240,6 +243,58 @@ def step_cost(backbone: Backbone, num_classes: int = 100, ipc: int = 1, resoluti
     row = method_step(backbone, "sfm", num_classes, ipc, resolution, crop, augs, two_pass, chunk_size, param,
                       steps, warmup, optimizer)
     row.pop("method")
+    return row
+
+
+def _median_time(fn, steps: int, device: torch.device, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return pystats.median(times)
+
+
+def fold_gain(name: str, device: str = "cpu", pretrained: bool = True, resolution: int = 64,
+              images: int = 10, batch_size: int = 256, steps: int = 20) -> dict[str, Any]:
+    """Time of φ's forward + backward to the input on ``images`` images (a distillation step's backbone
+    work) and of a no-grad forward on ``batch_size`` images (the feature and statistics passes), with the
+    backbone as :func:`sfm_lib.backbones.load` gives it (batch norms folded, channels-last) and with
+    ``fold=False``, in one run. Ratios > 1: the folded backbone is faster. ``max_rel_diff``: the largest
+    feature difference on the same batch, relative to the largest feature."""
+    import copy
+
+    from .backbones import load
+
+    plain = load(name, device, pretrained=pretrained, fold=False)
+    folded = copy.copy(plain)  # the same weights (random ones too), folded
+    folded.model = copy.deepcopy(plain.model)
+    folded.fold()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(images, 3, resolution, resolution, generator=g).to(folded.device)
+    big = torch.rand(batch_size, 3, resolution, resolution, generator=g).to(folded.device)
+
+    def step(bb: Backbone):
+        xi = x.clone().requires_grad_(True)
+        bb.features(xi, resolution).square().sum().backward()
+
+    def forward(bb: Backbone):
+        with torch.no_grad():
+            bb.features(big, resolution)
+
+    row: dict[str, Any] = {"backbone": folded.name, "folded": folded.folded, "resolution": resolution,
+                           "images": images, "batch_size": batch_size, "device": str(folded.device),
+                           "threads": torch.get_num_threads()}
+    for what, fn, n in [("step", step, steps), ("forward", forward, max(3, steps // 5))]:
+        t_plain, t_folded = (_median_time(lambda: fn(bb), n, folded.device) for bb in (plain, folded))
+        row.update({f"{what}_s_plain": round(t_plain, 5), f"{what}_s_folded": round(t_folded, 5),
+                    f"{what}_ratio": round(t_plain / t_folded, 3)})
+    with torch.no_grad():
+        a, b = plain.features(big, resolution), folded.features(big, resolution)
+    row["max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
     return row
 
 

@@ -533,17 +533,20 @@ class Distiller:
         main = distributed.is_main()  # the only rank that shows progress (and writes checkpoints, _save)
         bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress or not main, initial=start,
                    total=cfg.steps, mininterval=1.0)
-        for step in bar:
-            loss = self.step(step)
-            buffer[len(pending)].copy_(loss)
-            pending.append(step)
-            if callback is not None:
-                callback(step, loss, self.images)
-            save = ckpt is not None and (step + 1) % cfg.checkpoint_every == 0
-            if save or len(pending) == cfg.read_every or step + 1 == cfg.steps:
-                read_back(bar)
-            if save:
-                self._save(ckpt, step + 1, history)
+        try:
+            for step in bar:
+                loss = self.step(step)
+                buffer[len(pending)].copy_(loss)
+                pending.append(step)
+                if callback is not None:
+                    callback(step, loss, self.images)
+                save = ckpt is not None and (step + 1) % cfg.checkpoint_every == 0
+                if save or len(pending) == cfg.read_every or step + 1 == cfg.steps:
+                    read_back(bar)
+                if save:
+                    self._save(ckpt, step + 1, history)
+        finally:  # an objective that reads real images stops its loader workers, also on an error
+            getattr(self.objective, "close", lambda: None)()
         bar.close()
         read_back(bar)
         if ckpt is not None and cfg.steps > start:

@@ -53,7 +53,7 @@ from .utils import resolve_device
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ProbeResult", "linear_probe", "full_data_probe", "train_probe", "accuracy", "cosine_lr",
+__all__ = ["ProbeResult", "linear_probe", "full_data_probe", "full_view_features", "train_probe", "accuracy", "cosine_lr",
            "view_features", "probe_features", "fit_probes", "accuracies", "random_subset", "centroid_subset",
            "neighbor_subset", "baseline", "cross_backbone", "results_table", "gain_over_random", "metric_name",
            "BASELINES", "PAPER_PROBE_SEEDS"]
@@ -427,30 +427,61 @@ def linear_probe(backbone: Backbone, train: Dataset | Sequence[Dataset], test: D
                        transform=transform)
 
 
+def full_view_features(backbone: Backbone, dataset: Dataset, resolution: int, views: int, seed: int = 0,
+                       transform: EvalTransform | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`view_features` [N, K, D] of every image of a whole split (view 0 the test transform, views
+    1…K−1 flip + random resized crop drawn with ``seed``) and its labels, cached like the features
+    (float16; key: the split, backbone, resolution, K, seed and transform). K = 1: the feature cache."""
+    if views == 1:
+        x, y = features_mod.compute(backbone, dataset, resolution, progress=progress, transform=transform)
+        return x[:, None], y
+    path = None
+    key = features_mod.dataset_key(dataset)
+    if key is not None:
+        from . import cache
+
+        path = cache.entry("features", f"{key}-{backbone.name}-{resolution}-views{views}", backbone=backbone,
+                           dataset=dataset, resolution=resolution, loader=features_mod.loader_key(transform),
+                           views=views, seed=seed)
+        if path.is_file():
+            tensors, _ = features_mod.load_tensors(path)
+            return tensors["features"].float().view(len(tensors["labels"]), views, -1), tensors["labels"]
+    images, labels, pending = _images_of(dataset, resolution, transform)
+    half = view_features(backbone, images, resolution, views, seed, pending).half()
+    if path is not None:
+        features_mod.store(path, half.flatten(0, 1), labels, backbone=backbone.name, resolution=resolution,
+                           views=views)
+    return half.float(), labels
+
+
 def full_data_probe(backbone: Backbone, train_ds: Dataset, test_ds: Dataset, resolution: int, *, epochs: int = 10,
                     seeds: Sequence[int] = (0, 1, 2), batch_size: int = 256, lr: float | None = None,
                     device: str | torch.device | None = None, progress: bool = False,
-                    transform: EvalTransform | None = None) -> ProbeResult:
+                    transform: EvalTransform | None = None, views: int = 1) -> ProbeResult:
     """Full-data baseline: a probe per seed on the cached features of the whole training split, train and
     test images through ``transform`` (default :data:`SQUARE`).
 
-    Deviation from §6: the features are *un-augmented* (the test transform, read from the feature cache):
-    recomputing flip + crop views of 60k images every epoch is too slow on a CPU. Adam lr = 1e-3·B/256
-    (B = 256), cosine decay to 0, mini-batches shuffled by the seed.
+    Deviation from §6: by default (``views=1``) the features are *un-augmented* (the test transform, read
+    from the feature cache): recomputing flip + crop views of 60k images every epoch is too slow on a CPU.
+    ``views=K`` > 1: K precomputed views per image (:func:`full_view_features`, cached), one drawn per image
+    each epoch, as the probes of distilled sets draw theirs. Adam lr = 1e-3·B/256 (B = 256), cosine decay
+    to 0, mini-batches shuffled by the seed.
     """
     _check_probe_args(epochs, seeds)
+    if views < 1:
+        raise ValueError(f"views must be ≥ 1 (1 = no augmentation), got {views}")
     dev = backbone.device if device is None else resolve_device(device)
     C = _num_classes(train_ds, test_ds)
-    train_x, train_y = features_mod.compute(backbone, train_ds, resolution, progress=progress, transform=transform)
+    train_x, train_y = full_view_features(backbone, train_ds, resolution, views, 0, transform, progress)
     test_x, test_y = features_mod.compute(backbone, test_ds, resolution, progress=progress, transform=transform)
     bs, base_lr = _default_hparams(len(train_y), batch_size, lr)
     S = len(seeds)
-    feats = train_x.to(dev)[None, :, None, :].expand(S, -1, -1, -1)  # shared by all seeds, no copy
+    feats = train_x.to(dev)[None].expand(S, -1, -1, -1)  # shared by all seeds, no copy
     W, b = _train_probes(feats, train_y.to(dev)[None].expand(S, -1), C, epochs=epochs, batch_size=bs, lr=base_lr,
                          seeds=seeds, progress=progress)
-    meta = {"kind": "full", "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": 1,
+    meta = {"kind": "full", "backbone": backbone.name, "resolution": resolution, "epochs": epochs, "views": views,
             "n_train": len(train_y), "batch_size": bs, "lr": base_lr, "train": getattr(train_ds, "name", None),
-            "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": False,
+            "test": getattr(test_ds, "name", None), "n_test": len(test_y), "augmented": views > 1,
             "transform": _transform_name(transform)}
     return ProbeResult(accuracies(W, b, test_x, test_y), [int(s) for s in seeds], meta, (W.cpu(), b.cpu()))
 
@@ -541,7 +572,7 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
 
     "random": seed s draws its own ``random_subset(train_ds, ipc, s)`` and trains its probe with seed s.
     "centroids": :func:`centroid_subset` (class means from ``stats`` if given). "neighbors": needs
-    ``distilled`` (:func:`neighbor_subset`). "full": :func:`full_data_probe`; ``views`` is ignored there.
+    ``distilled`` (:func:`neighbor_subset`). "full": :func:`full_data_probe` (``views`` 1 unless given).
     ``probe_kw`` go to :func:`linear_probe` (epochs, views, batch_size, lr, device, progress, transform);
     the test ``transform`` also picks the centroids and neighbours.
     ``allow_class_mismatch``: "neighbors" of a set distilled from another dataset (see :func:`check_same_data`).
@@ -549,7 +580,6 @@ def baseline(kind: str, backbone: Backbone, train_ds: Dataset, test_ds: Dataset,
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline kind {kind!r}; choose one of {', '.join(BASELINES)}")
     if kind == "full":
-        probe_kw.pop("views", None)
         return full_data_probe(backbone, train_ds, test_ds, resolution, seeds=seeds, **probe_kw)
     if kind == "random":
         trains = [random_subset(train_ds, ipc, s) for s in seeds]

@@ -448,6 +448,7 @@ class RealStream:
             return real_images(self.dataset, idx[lo:hi], resolution), self.targets[idx]
         key = (resolution, lo, hi)
         if self._ahead is None or self._ahead[0] != key:
+            self.close()
             pieces = max(1, min(workers, hi - lo))
             loader = features.folder_batches(self.dataset, self._pieces(lo, hi, pieces), resolution, workers,
                                              pin_memory=self.pin_memory, prefetch=self.prefetch)
@@ -468,7 +469,17 @@ class RealStream:
         if pos.shape != self.position.shape:
             raise ValueError(f"stream position of shape {tuple(pos.shape)} does not fit {len(self.pools)} pool(s)")
         self.position = pos.clone().long()
-        self._ahead = None  # the loader ran ahead of another position: start one from this position
+        self.close()  # the loader ran ahead of another position: start one from this position
+
+    def close(self) -> None:
+        """Stop the prefetching workers now (the next :meth:`next` starts new ones from the position). Left to
+        the garbage collector, an endless loader's workers are shut down whenever it runs, in whatever the
+        process is doing by then, each waiting out the DataLoader's join timeout."""
+        if self._ahead is not None:
+            shutdown = getattr(self._ahead[1], "_shutdown_workers", None)  # torch's multi-process iterator
+            self._ahead = None
+            if shutdown is not None:
+                shutdown()
 
 
 def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
@@ -568,3 +579,7 @@ class LGMObjective:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the real stream's prefetching workers (the distillation loop calls it when a run ends)."""
+        self.stream.close()

@@ -128,6 +128,70 @@ def test_backbone_is_frozen_but_passes_gradients(lite0):
     torch.testing.assert_close(alone, feats[:1].detach(), rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------- folded batch norms
+@pytest.mark.parametrize("name", ["effnet_lite0", "resnet10t"])
+def test_folded_backbone_is_the_same_function_and_gradient(name):
+    """Folded and channels-last against the model as timm built it (fold=False): the features and the
+    gradient a distillation step sends to the pixels agree; random running statistics make the fold real."""
+    pretrained = name == "effnet_lite0"
+    plain = backbones.load(name, pretrained=pretrained, fold=False)
+    if not pretrained:  # timm's fresh BNs have mean 0, var 1, γ 1, β 0: give them something to fold
+        g = torch.Generator().manual_seed(0)
+        for m in plain.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    folded = backbones.Backbone(__import__("copy").deepcopy(plain.model), name, plain.mean, plain.std,
+                                plain.device)
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert plain.folded == 0 and folded.folded > 0 and left == n_bn - folded.folded
+    assert left == 0 if pretrained else left == 1  # ResNet's stem BN follows a Sequential, not a conv
+    assert folded.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last) if pretrained else True
+    x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for bb in (plain, folded):
+        xi = x.clone().requires_grad_(True)
+        f = bb.features(xi, 48)
+        f.square().sum().backward()
+        grads.append((f.detach(), xi.grad))
+    (f0, g0), (f1, g1) = grads
+    torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-4 * float(f0.abs().max()))
+    torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-3 * float(g0.abs().max()))
+    assert all(not p.requires_grad for p in folded.model.parameters())
+
+
+class _BnFirst(torch.nn.Module):
+    """Defines conv then bn, but applies bn first: the order of its children is not its data flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.bn.running_mean.fill_(0.3)
+        self.bn.running_var.fill_(2.0)
+
+    def forward(self, x):
+        return self.conv(self.bn(x)).mean((2, 3))
+
+
+def test_fold_keeps_batch_norms_it_cannot_fold():
+    model = _BnFirst().eval()
+    out, n = backbones.fold_batchnorm(model)
+    assert n == 0 and out is model and isinstance(model.bn, torch.nn.BatchNorm2d)
+    vit = backbones.load("vit_tiny_patch16_224", pretrained=False)
+    assert vit.folded == 0  # layer norms only
+
+
+def test_bench_fold_measures_both_in_one_run():
+    from sfm_lib import bench
+
+    row = bench.fold_gain("effnet_lite0", pretrained=False, resolution=32, images=2, batch_size=4, steps=1)
+    assert row["folded"] == 49 and row["step_ratio"] > 0 and row["forward_ratio"] > 0
+    assert row["step_s_plain"] > 0 and row["step_s_folded"] > 0 and row["max_rel_diff"] < 1e-4
+
+
 def test_no_classifier_in_backbone(lite0):
     assert lite0.model.get_classifier().__class__.__name__ == "Identity"
     with torch.no_grad():

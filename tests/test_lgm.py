@@ -101,6 +101,7 @@ def test_stream_reads_subsets_and_image_folders(toy_real, tmp_path):
     fs.load_state_dict({"position": torch.zeros(1, 2, dtype=torch.long)})
     x, y = fs.next(RES)
     torch.testing.assert_close(x, torch.stack([square_resize(folder[int(i)][0], RES) for i in idx]))
+    fs.close()
 
 
 def test_objective_matches_a_hand_computation(lite0, toy_real):

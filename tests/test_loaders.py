@@ -171,6 +171,13 @@ def test_prefetched_real_batches_are_the_gathered_ones(jpeg_train):
         x, y = ahead.next(24, rows)
         assert torch.equal(x, want) and torch.equal(y, jpeg_train.targets[idx]), step
         assert torch.equal(ahead.position, plain.position)
+    workers = ahead._ahead[1]._workers
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    ahead.close()  # stopped now, not whenever the garbage collector breaks the stream's reference cycle
+    assert ahead._ahead is None and not any(w.is_alive() for w in workers)
+    x, _ = ahead.next(24)  # and a closed stream goes on from its position
+    assert torch.equal(x, real_images(jpeg_train, plain.next_indices(), 24))
+    ahead.close()
 
 
 def test_prefetched_stream_resumes_exactly(jpeg_train):
@@ -189,6 +196,8 @@ def test_prefetched_stream_resumes_exactly(jpeg_train):
     restarted = RealStream(jpeg_train, 4, seed=3, num_workers=0)
     restarted.load_state_dict(straight.state_dict())
     assert torch.equal(first.next(16)[0], restarted.next(16)[0])
+    for stream in (straight, first, resumed):
+        stream.close()
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -201,6 +210,7 @@ def test_real_forward_in_chunks_equals_one_forward(jpeg_train, lite0):
         obj.chunk_size = chunk
         obj.begin_step()
         g.append(obj.g_real)
+        obj.close()
     assert g[0].abs().max() > 0
     torch.testing.assert_close(g[1], g[0], rtol=1e-4, atol=1e-6 * float(g[0].abs().max()))
 

@@ -101,3 +101,26 @@ def test_centroids_and_neighbours_match_float64_reference(setup, fresh_cache):
     distilled = DistilledSet(train.batch(torch.tensor([5, 7, 9]))[0], train.targets[[5, 7, 9]], ["a", "b", "c"], {})
     near = evaluate.neighbor_subset(bb, train, distilled, RES)
     assert near.indices == [5, 7, 9]  # a real image is its own nearest neighbour
+
+
+def test_augmented_full_data_probe_trains_on_the_cached_views(setup, fresh_cache):
+    """views=K: the training features are view_features of the whole split (view 0 the test pass, the rest
+    flip + crop with seed 0), stored once as float16 and read back identical; the probe trained on them is
+    _train_probes on those [N, K, D] rows, and K = 1 is the un-augmented feature cache."""
+    bb, train, test = setup
+    images, labels = train.batch(torch.arange(N))
+    want = evaluate.view_features(bb, images, RES, 3, 0).half().float()
+    got, y = evaluate.full_view_features(bb, train, RES, 3)
+    assert torch.equal(got, want) and torch.equal(y, labels) and not torch.equal(got[:, 1], got[:, 0])
+    again, _ = evaluate.full_view_features(bb, train, RES, 3)  # the cache file: the same numbers
+    assert torch.equal(again, got)
+    plain, _ = features.compute(bb, train, RES, progress=False)
+    assert torch.equal(evaluate.full_view_features(bb, train, RES, 1)[0][:, 0], plain)
+    r = evaluate.full_data_probe(bb, train, test, RES, epochs=2, seeds=(0, 1), batch_size=50, views=3)
+    W, b = evaluate._train_probes(got[None].expand(2, -1, -1, -1), y[None].expand(2, -1), 3, epochs=2,
+                                  batch_size=50, lr=1e-3 * 50 / 256, seeds=(0, 1))
+    tx, ty = features.compute(bb, test, RES, progress=False)
+    assert r.top1 == evaluate.accuracies(W, b, tx, ty)
+    assert r.meta["views"] == 3 and r.meta["augmented"] is True
+    with pytest.raises(ValueError, match="views must be"):
+        evaluate.full_data_probe(bb, train, test, RES, epochs=1, seeds=(0,), views=0)
