@@ -359,7 +359,32 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
     return pd.DataFrame(rows)
 
 
-__all__ += ["recorded_costs"]
+__all__ += ["recorded_costs", "recorded_full_data"]
+
+
+def recorded_full_data(folder: str | None = None) -> "pd.DataFrame":
+    """The ``python -m sfm_lib baselines --kind full ... --json`` results committed under ``folder`` (default:
+    ``results/full_data_views/`` of the repository this package sits in; empty when installed elsewhere):
+    one row per file with its views per image, epochs, the split scored and the top-1 mean over its probe
+    seeds. Files that are not such results are skipped."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results" / "full_data_views"
+    rows = []
+    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
+        try:
+            content = json.loads(path.read_text())
+            meta = content["meta"]
+            if meta.get("kind") == "full":
+                rows.append({"views": int(meta["views"]), "epochs": int(meta["epochs"]),
+                             "scored_on": meta.get("scored_on", "test"), "probe_seeds": len(content["seeds"]),
+                             "top1": float(content["top1_mean"]), "file": path.name})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    columns = ["views", "epochs", "scored_on", "probe_seeds", "top1", "file"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["views", "epochs"], ignore_index=True)
 
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:

@@ -67,7 +67,7 @@ def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeyp
     assert {"top1_mean", "top1_std", "seeds"} <= got.keys() and got["seeds"] == [0, 1]
     printed = capsys.readouterr().out
     assert "top-1 mean ± std over 2 probe seeds" in printed
-    assert "recipe fmnist-lite0-64 + steps=3: steps 3, augs 1, ema 0.7" in printed
+    assert "recipe fmnist-lite0-64 + steps=3: steps 3, augs 2, ema 0.7" in printed
     paper = tmp_path / "paper.json"  # the papers' protocol: five seeds 3407-3411, population std
     assert main(["eval", "--distilled", str(out_path), "--resolution", "32", "--preset", "paper", "--epochs", "2",
                  "--views", "2", "--json", str(paper), "--device", "cpu", "--test-transform", "square"]) == 0
@@ -83,6 +83,15 @@ def test_stats_distill_eval_baselines(tmp_path, capsys, tiny_fmnist_dir, monkeyp
             args += ["--distilled", str(out_path)]
         assert main(args) == 0, kind
         assert 0 <= json.loads(res.read_text())["top1_mean"] <= 100
+    full = json.loads((tmp_path / "full.json").read_text())["meta"]
+    assert full["views"] == 2 and full["augmented"] and full["n_test"] == 100 and full["scored_on"] == "test"
+    capsys.readouterr()
+    res = tmp_path / "full_val.json"  # a choice is made on the validation hold-out, not on test
+    assert main(["baselines", "--kind", "full", "--resolution", "32", "--seeds", "1", "--epochs", "2", "--on", "val",
+                 "--json", str(res), "--device", "cpu"]) == 0
+    full = json.loads(res.read_text())["meta"]
+    assert full["views"] == 1 and full["n_test"] == 30 and full["n_train"] == 270 and full["scored_on"] == "val"
+    assert "full baseline on effnet_lite0, val split: top-1" in capsys.readouterr().out
 
 
 def test_bad_input_gives_a_clear_message_and_status_2(tmp_path, capsys):
@@ -152,7 +161,7 @@ def test_distill_defaults_are_the_book_recipe(captured, tmp_path, capsys):
     book = recipes.RECIPES[recipes.DEFAULT]
     assert recipes.DEFAULT == "fmnist-lite0-64"
     assert {k: kw[k] for k in ("steps", "augs", "ema", "init", "param", "lr", "schedule")} == \
-        {"steps": 1000, "augs": 1, "ema": 0.7, "init": "real", "param": "pixels", "lr": 0.05, "schedule": "constant"}
+        {"steps": 500, "augs": 2, "ema": 0.7, "init": "real", "param": "pixels", "lr": 0.05, "schedule": "constant"}
     assert kw["augment"] == book.augment() and kw["augment"].scale == (0.3, 1.0) and kw["augment"].noise_p == 0
     assert kw["init_dataset"] == "TRAIN"
     assert f"recipe: {book.describe()}" in capsys.readouterr().out
