@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["golden_classifier", "paired_view_features", "fit_projector", "InheritedClassifier", "inherit",
-           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "validation_split", "prepare_side",
-           "comparison", "summary", "compact", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID", "IDENTITY"]
+           "png_bytes", "dataset_bytes", "storage_report", "per_class_split", "validation_split", "validation_rest",
+           "prepare_side", "comparison", "summary", "compact", "FIT_SETS", "DEFAULT_ALPHA", "ALPHA_GRID", "IDENTITY"]
 
 DEFAULT_ALPHA = 0.1
 """Ridge strength α (λ = α · tr(Z̃ᵀZ̃) / D_e, see the module doc) when no validation images are given: a
@@ -374,6 +374,18 @@ def _check_unseen(validation: Dataset, golden_train: Dataset | None = None) -> N
                          f"train the golden classifier on 'train'")
 
 
+def validation_rest(dataset: Dataset, images_per_class: int) -> Dataset:
+    """The images of a validation split that :func:`validation_split` with ``images_per_class`` leaves out:
+    held-out images that did not choose the projector's α either, to compare projectors (or fit sets) on."""
+    from . import data as data_mod
+
+    chosen = set(validation_split(dataset, images_per_class).indices) if images_per_class else set(
+        range(len(dataset)))
+    sub = data_mod.subset(dataset, [i for i in range(len(dataset)) if i not in chosen])
+    sub.split = _split_name(dataset)
+    return sub
+
+
 def validation_split(dataset: Dataset, images_per_class: int = 0) -> Dataset:
     """The first ``images_per_class`` images of every class of a validation split (``data.load(name, "val")``;
     0: all of it): labelled real images to choose the projector on that neither the golden classifier
@@ -423,7 +435,8 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                alpha: float | str | Sequence[float | str] = DEFAULT_ALPHA, validation: Dataset | None = None,
                seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
                full_epochs: int = 10, progress: bool = False, keep: dict | None = None,
-               transform: EvalTransform | None = None) -> "pd.DataFrame":
+               transform: EvalTransform | None = None,
+               fit_images: Mapping[str, Dataset] | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
     ``sides``: backbone name → an object with ``.backbone``, ``.train`` (and optionally ``.stats``), e.g. an
@@ -431,7 +444,8 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     ``pairs``: (φ_d name, φ_e name) or (φ_d name, φ_e name, fit sets) with fit sets from :data:`FIT_SETS`
     (default ("distilled",)); "random" draws ``ipc`` real images per class (seed ``seed``), "centroids" takes
     the real images nearest the φ_d class means (:func:`sfm_lib.evaluate.centroid_subset`), both of the same
-    count as the distilled set when ``ipc`` matches it. ``alpha`` and ``validation`` (labelled real images
+    count as the distilled set when ``ipc`` matches it; ``fit_images`` names further image sets a pair may
+    list as fit sets (e.g. ``{"distilled with both": a set distilled with φ_d and φ_e together}``). ``alpha`` and ``validation`` (labelled real images
     the golden classifiers never saw, e.g. :func:`validation_split` of ``data.load(name, "val")``; a
     training split is refused): how P is chosen, see :func:`inherit`.
 
@@ -474,9 +488,10 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     for pair in pairs:
         d, e = pair[0], pair[1]
         fits = tuple(pair[2]) if len(pair) > 2 else ("distilled",)
-        unknown = set(fits) - set(FIT_SETS)
+        extra = dict(fit_images or {})
+        unknown = set(fits) - set(FIT_SETS) - set(extra)
         if unknown:
-            raise ValueError(f"unknown fit sets {sorted(unknown)}; choose from {', '.join(FIT_SETS)}")
+            raise ValueError(f"unknown fit sets {sorted(unknown)}; choose from {', '.join([*FIT_SETS, *extra])}")
         if d not in distilled:
             raise ValueError(f"no distilled set for distillation backbone {d!r}; pass distilled={{{d!r}: ...}}")
         phi_d, phi_e, dset = sides[d].backbone, sides[e].backbone, distilled[d]
@@ -486,6 +501,8 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
             t0 = time.perf_counter()
             if fit == "distilled":
                 images = dset
+            elif fit in extra:
+                images = extra[fit]
             elif fit == "random":
                 images = evaluate.random_subset(sides[d].train, ipc, seed)
             else:

@@ -293,6 +293,20 @@ def test_comparison_rows(tiny, mixed, splits):
     assert small["kB kept"].iloc[3] == png_bytes(dset.images) / 1000
     with pytest.raises(ValueError, match="unknown fit sets"):
         comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny", ("noise",))])
+    # a named further fit set (the book's: images distilled with both backbones) is fitted like the others
+    other = _distilled(train)
+    other.images = other.images.flip(-1)
+    kept2 = {}
+    df2 = comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny_mixed", ("distilled", "flipped"))],
+                     fit_images={"flipped": other}, views=4, probe_seeds=(0,), epochs=2, probe_views=2,
+                     full_epochs=2, keep=kept2)
+    assert list(df2["fit_on"][:2]) == ["distilled", "flipped"]
+    golden = golden_classifier(tiny, train, test, RES, seeds=(0,), epochs=2)
+    want = inherit(golden, tiny, mixed, other, RES, views=4, seed=0, classes=dset.classes)
+    torch.testing.assert_close(kept2[("tiny", "tiny_mixed", "flipped")].proj_weight, want.proj_weight)
+    assert df2.iloc[1]["top1"] == want.accuracy(z, y)
+    with pytest.raises(ValueError, match="choose from distilled, random, centroids, flipped"):
+        comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny", ("noise",))], fit_images={"flipped": other})
 
 
 def test_probe_pieces_compose_to_linear_probe(tiny, splits):
@@ -414,6 +428,11 @@ def test_validation_split_takes_the_first_images_of_a_val_split_and_refuses_trai
     want = torch.cat([torch.nonzero(val.targets == c).flatten()[:3] for c in range(C)]).sort().values
     assert sub.indices == want.tolist() and torch.equal(sub.targets.bincount(), torch.full((C,), 3))
     assert validation_split(val) is val  # 0: all of it
+    from sfm_lib.inherit import validation_rest
+
+    rest = validation_rest(val, 3)  # the images that judge, disjoint from those that choose α
+    assert sorted(rest.indices + sub.indices) == list(range(len(val))) and not set(rest.indices) & set(sub.indices)
+    assert torch.equal(rest.targets, val.targets[rest.indices]) and rest.split == "val"
     with pytest.raises(ValueError, match="smallest class"):
         validation_split(val, 7)
     for split in ("train", "trainval"):

@@ -24,7 +24,7 @@ SIZES = {"steps": 2, "steps_large": 2, "other_steps": 2, "recipe_overrides": {"g
          "probe_seeds": [3407, 3408], "epochs": 2, "views": 2, "probe_views": 2, "ipc_large": 0,
          "lgm_augs": 1, "bench_steps": 1, "feature_steps": 2, "draws": 2, "grad_steps": 2, "batch_sizes": [1, 0],
          "val_per_class": 1, "agreement_draws": 5, "eval_backbones": ["vit_base_patch16_clip_224.openai"],
-         "multi_backbone": False}
+         "multi_backbone": False, "fit_seeds": [0]}
 
 
 def _shrinks(value, reference) -> bool:

@@ -22,7 +22,7 @@ CHAPTERS = {
                                           bench_steps=1, feature_steps=2, ipc_large=2, steps_large=2),
     "05_classifier_inheritance.ipynb": dict(other_backbone="effnet_lite1", other_images_per_class=20, steps=3,
                                             other_steps=2, views=2, probe_seeds=[0, 1], epochs=5,
-                                            probe_views=2, val_per_class=5),
+                                            probe_views=2, val_per_class=5, fit_seeds=[0]),
 }
 
 
