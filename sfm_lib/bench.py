@@ -185,11 +185,12 @@ def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, 
                 crop: int | None = None, augs: int = 1, two_pass: bool = False, chunk_size: int = 256,
                 param: str = "pixels", steps: int = 6, warmup: int | None = None, optimizer: bool = True,
                 dataset=None) -> dict[str, Any]:
-    """Median wall time and peak CUDA memory of full distillation steps of ``method`` ("sfm" / "lgm" / "clp"), the
-    loop's own :meth:`sfm_lib.distill.Distiller.step`: for LGM it includes drawing the head, reading and
+    """Median wall time and peak CUDA memory of full distillation steps of ``method`` ("sfm" / "lgm" / "clp" /
+    "unrolled"), the loop's own :meth:`sfm_lib.distill.Distiller.step`: for LGM it includes drawing the head, reading and
     augmenting the real batch of ipc·A·C images and its forward pass. SFM's statistics are random (cost does
     not depend on them); LGM reads ``dataset``, or an in-memory :func:`synthetic_real_dataset` when None; CLP
-    scores its probe on a table of random "real" features (2048 per step, as the method's default).
+    and the unrolled probe (ours, K = 20 probe steps) score their probe on a table of random "real" features
+    (2048 per step, as the methods' default).
     ``warmup`` untimed steps first (None: 2 on CUDA, 1 on the CPU). ``optimizer=False`` leaves out Adam (a
     bare gradient step). Peak memory is NaN on the CPU (see
     :func:`methods_cost`, which measures it in a fresh process)."""
@@ -208,14 +209,17 @@ def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, 
                              f"not {num_classes}: pass --classes {len(dataset.classes)}")
         objective = LGMObjective(dataset, backbone, ipc=ipc, augs=augs, resolution=resolution, crop=crop,
                                  augment=cfg.augment)
-    elif method == "clp":
+    elif method in ("clp", "unrolled"):
         from .clp import CLPObjective
+        from .unrolled import UnrolledProbeObjective
 
         g = torch.Generator().manual_seed(0)  # cost does not depend on the values of the real features
         table = torch.randn(max(4096, 4 * num_classes), backbone.feature_dim, generator=g)
-        objective = CLPObjective(table, torch.arange(len(table)) % num_classes, num_classes, dev)
+        labels = torch.arange(len(table)) % num_classes
+        objective = (CLPObjective(table, labels, num_classes, dev) if method == "clp" else
+                     UnrolledProbeObjective(table, labels, num_classes, dev, n_images=num_classes * ipc))
     else:
-        raise ValueError(f"method must be 'sfm', 'lgm' or 'clp', got {method!r}")
+        raise ValueError(f"method must be 'sfm', 'lgm', 'clp' or 'unrolled', got {method!r}")
     runner = distill.Distiller(backbone, objective, cfg, [str(c) for c in range(num_classes)])
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -298,7 +302,7 @@ def fold_gain(name: str, device: str = "cpu", pretrained: bool = True, resolutio
     return row
 
 
-METHOD_CONFIGS = (("sfm", 1), ("sfm", 10), ("lgm", 1), ("lgm", 3), ("lgm", 10), ("clp", 1))
+METHOD_CONFIGS = (("sfm", 1), ("sfm", 10), ("lgm", 1), ("lgm", 3), ("lgm", 10), ("clp", 1), ("unrolled", 1))
 """(method, A) measured by :func:`methods_cost`."""
 
 
@@ -349,8 +353,8 @@ def methods_cost(backbone_name: str, device: str = "cpu", pretrained: bool = Tru
                  chunk_size: int = 256, param: str = "pixels", steps: int = 6, optimizer: bool = True,
                  dataset: str | None = None, data_root: str | None = None, threads: int = 0,
                  configs: Sequence[tuple[str, int]] = METHOD_CONFIGS, command: str = "") -> dict[str, Any]:
-    """SFM at A = 1, 10, LGM at A = 1, 3, 10 and CLP-DD at A = 1 (``configs``), same backbone and settings,
-    in one run.
+    """SFM at A = 1, 10, LGM at A = 1, 3, 10, CLP-DD and the unrolled probe at A = 1 (``configs``), same
+    backbone and settings, in one run.
 
     Per configuration: the median time of a full step (:func:`method_step`) and the peak memory — on CUDA
     ``torch.cuda.max_memory_allocated`` (in this process, reset between configurations); on the CPU the

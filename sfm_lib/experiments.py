@@ -163,7 +163,11 @@ def distilled(ctx: Context | Sequence[Context], *, method: str = "sfm", crop_sca
             if k not in ("backbone", "stats", "dataset", "callback", "progress", "compile", "two_pass", "chunk_size")
             and not (k in ("backbone_weights", "backbone_crops") and v is None)}  # None: one backbone
     init_name = "images" if isinstance(args["init"], torch.Tensor) else args["init"]
-    path = cache.entry("distilled", method, backbone=phi, source=source, args=args)
+    keyed = source
+    if method == "sfm" and not args.get("subclass"):  # sub-class centres only matter to sub-class targets
+        keyed = [dataclasses.replace(s, centres=None) for s in source] if isinstance(source, list) else \
+            dataclasses.replace(source, centres=None)
+    path = cache.entry("distilled", method, backbone=phi, source=keyed, args=args)
     if path.is_file() and kwargs.get("callback") is None:
         return data.DistilledSet.load(path)
     if kwargs.get("init") == "centroids":

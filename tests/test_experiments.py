@@ -32,6 +32,25 @@ def test_distilled_is_cached_by_its_arguments(ctx, monkeypatch):
     assert len(calls) == 2, "a callback forces the run"
 
 
+def test_sub_class_centres_key_only_runs_with_sub_class_targets(ctx, monkeypatch):
+    """A context with k-means centres (chapters 3 and 4) shares plain SFM runs with one without (chapters 2
+    and 5): the centres enter the key only when the targets use them."""
+    import dataclasses
+
+    plain = experiments.distilled(ctx, steps=2, seed=11)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(len(ctx.stats.classes), 2, ctx.stats.means.shape[1], generator=g, dtype=torch.float64)
+    with_centres = dataclasses.replace(ctx, stats=dataclasses.replace(ctx.stats, centres=centres))
+    calls = []
+    monkeypatch.setattr(distill, "sfm", lambda *a, **k: calls.append(k) or plain)
+    again = experiments.distilled(with_centres, steps=2, seed=11)
+    assert not calls and torch.equal(again.images, plain.images)
+    experiments.distilled(with_centres, steps=2, seed=11, ipc=2, subclass=True)  # the centres matter: a run
+    experiments.distilled(dataclasses.replace(with_centres, stats=dataclasses.replace(
+        ctx.stats, centres=centres.flip(0))), steps=2, seed=11, ipc=2, subclass=True)  # other centres: a run
+    assert len(calls) == 2
+
+
 def test_real_init_takes_the_chapter_training_set(ctx):
     out = experiments.distilled(ctx, steps=0, init="real", seed=1)
     assert out.meta["init"] == "real" and out.images.shape == (10, 3, 32, 32)

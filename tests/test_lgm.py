@@ -213,14 +213,14 @@ def test_experiments_distilled_caches_lgm_runs_apart_from_sfm(session_cache, mon
         experiments.distilled(ctx, method="dm")
 
 
-def test_bench_methods_measures_six_configurations(tmp_path, capsys):
+def test_bench_methods_measures_seven_configurations(tmp_path, capsys):
     import json
 
     out = tmp_path / "m.json"
     assert main(["bench", "methods", "--resolution", "32", "--classes", "3", "--steps", "1", "--device", "cpu",
                  "--random-weights", "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert list(result["runs"]) == ["sfm_A1", "sfm_A10", "lgm_A1", "lgm_A3", "lgm_A10", "clp_A1"]
+    assert list(result["runs"]) == ["sfm_A1", "sfm_A10", "lgm_A1", "lgm_A3", "lgm_A10", "clp_A1", "unrolled_A1"]
     for row in result["runs"].values():
         assert row["median_s"] > 0 and row["peak_gib"] > 0 and row["peak_reset"] is True
     r = result["runs"]

@@ -19,7 +19,7 @@ CHAPTERS = {
                                 cross_images_per_class=20),
     "04_vs_gradient_matching.ipynb": dict(batch_sizes=[1, 3, 0], draws=2, grad_steps=2, lgm_augs=1, steps=2,
                                           distill_seeds=[0], probe_seeds=[0, 1], epochs=5, views=2,
-                                          bench_steps=1, feature_steps=2, ipc_large=2, steps_large=2),
+                                          bench_steps=1, feature_steps=2, ipc_large=2, steps_methods_large=2),
     "05_classifier_inheritance.ipynb": dict(other_backbone="effnet_lite1", other_images_per_class=20, steps=3,
                                             other_steps=2, views=2, probe_seeds=[0, 1], epochs=5,
                                             probe_views=2, val_per_class=5, fit_seeds=[0]),
