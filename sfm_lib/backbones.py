@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -194,10 +194,12 @@ def fold_batchnorm(model: torch.nn.Module, check_size: int = 32) -> tuple[torch.
                     found.append((parent, conv_name, bn_name))
         return found
 
-    if not pairs(model):
+    found = pairs(model)
+    if not found:
         return model, 0
-    folded = copy.deepcopy(model)
-    found = pairs(folded)
+    memo: dict[int, Any] = {}
+    folded = copy.deepcopy(model, memo)  # memo: id of each original module → its copy
+    found = [(memo[id(parent)], conv_name, bn_name) for parent, conv_name, bn_name in found]
     with torch.no_grad():
         for parent, conv_name, bn_name in found:
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)

@@ -171,6 +171,8 @@ def _distill_kwargs(a: argparse.Namespace, setting=None) -> dict:
 def _init_images(path: str, ipc: int, resolution: int, classes) -> "torch.Tensor":
     """The images of the distilled set at ``path`` as a start: C·ipc images in class-major order at
     ``resolution`` px, of the same classes; anything else is one line that says what differs."""
+    import torch
+
     from .data import DistilledSet
 
     try:
@@ -183,6 +185,10 @@ def _init_images(path: str, ipc: int, resolution: int, classes) -> "torch.Tensor
         raise CliError(f"--init-from {path} holds {got[0]} images of {got[1]} px of classes {list(ds.classes)[:3]}…; "
                        f"this run needs {want[0]} (--ipc {ipc}) of {want[1]} px (--resolution) of "
                        f"{list(classes)[:3]}…")
+    counts = torch.bincount(ds.labels.long(), minlength=len(classes))
+    if not bool((counts == ipc).all()):
+        raise CliError(f"--init-from {path} holds {counts.tolist()} images per class; this run starts from "
+                       f"{ipc} of each class (--ipc {ipc})")
     order = ds.labels.argsort(stable=True)
     return ds.images[order].float()
 

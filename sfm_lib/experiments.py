@@ -13,7 +13,7 @@ import inspect
 import json
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -363,29 +363,51 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
     return pd.DataFrame(rows)
 
 
-__all__ += ["recorded_costs", "recorded_full_data"]
+def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFrame":
+    """:func:`method_comparison`'s rows averaged over distillation seeds, per (comparison, method):
+    ``top1`` and ``val_top1`` (means), ``seed_std`` (std of the seeds' top-1 means), ``probe_std`` (mean of
+    the probes' std), ``steps``, ``time_s``, and ``gain_over_random`` = top1 − ``random_top1`` (random real
+    images at the same IPC under the same probes)."""
+    summary = acc.groupby(["comparison", "method"], sort=False).agg(
+        top1=("top1_mean", "mean"), val_top1=("val_top1_mean", "mean"),
+        seed_std=("top1_mean", "std"), probe_std=("top1_std", "mean"),
+        steps=("steps", "mean"), time_s=("time_s", "mean"))
+    summary["gain_over_random"] = summary["top1"] - random_top1
+    return summary
+
+
+__all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data"]
+
+
+def _recorded_json(folder: str | None, default: str) -> Iterator[tuple[str, Any]]:
+    """(file name, parsed JSON) of every ``*.json`` under ``folder`` (default: ``default`` inside the
+    ``results/`` folder of the repository this package sits in; nothing when installed elsewhere), by name;
+    files that cannot be read or parsed are skipped."""
+    from pathlib import Path
+
+    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results" / default
+    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
+        try:
+            yield path.name, json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
 
 
 def recorded_full_data(folder: str | None = None) -> "pd.DataFrame":
     """The ``python -m sfm_lib baselines --kind full ... --json`` results committed under ``folder`` (default:
-    ``results/full_data_views/`` of the repository this package sits in; empty when installed elsewhere):
-    one row per file with its views per image, epochs, the split scored and the top-1 mean over its probe
-    seeds. Files that are not such results are skipped."""
-    from pathlib import Path
-
+    ``results/full_data_views/``): one row per file with its views per image, epochs, the split scored and
+    the top-1 mean over its probe seeds. Files that are not such results are skipped."""
     import pandas as pd
 
-    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results" / "full_data_views"
     rows = []
-    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
+    for name, content in _recorded_json(folder, "full_data_views"):
         try:
-            content = json.loads(path.read_text())
             meta = content["meta"]
             if meta.get("kind") == "full":
                 rows.append({"views": int(meta["views"]), "epochs": int(meta["epochs"]),
                              "scored_on": meta.get("scored_on", "test"), "probe_seeds": len(content["seeds"]),
-                             "top1": float(content["top1_mean"]), "file": path.name})
-        except (OSError, ValueError, KeyError, TypeError):
+                             "top1": float(content["top1_mean"]), "file": name})
+        except (ValueError, KeyError, TypeError):
             continue
     columns = ["views", "epochs", "scored_on", "probe_seeds", "top1", "file"]
     return pd.DataFrame(rows, columns=columns).sort_values(["views", "epochs"], ignore_index=True)
@@ -393,17 +415,10 @@ def recorded_full_data(folder: str | None = None) -> "pd.DataFrame":
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:
     """The ``python -m sfm_lib bench methods`` results committed as JSON under ``folder`` (default: the
-    ``results/`` folder of the repository this package sits in; none when installed elsewhere), as
-    ``"<gpu or device> (<file name>)"`` → the JSON. Files that are not such results are skipped."""
-    from pathlib import Path
-
-    where = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "results"
+    ``results/`` folder of the repository this package sits in), as ``"<gpu or device> (<file name>)"`` →
+    the JSON. Files that are not such results are skipped."""
     found = {}
-    for path in sorted(where.glob("*.json")) if where.is_dir() else []:
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for name, content in _recorded_json(folder, "."):
         if isinstance(content, dict) and isinstance(content.get("runs"), dict) and "sfm_A1" in content["runs"]:
-            found[f"{content.get('gpu') or content.get('device', '?')} ({path.name})"] = content
+            found[f"{content.get('gpu') or content.get('device', '?')} ({name})"] = content
     return found

@@ -436,7 +436,8 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
                seed: int = 0, probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000, probe_views: int = 40,
                full_epochs: int = 10, progress: bool = False, keep: dict | None = None,
                transform: EvalTransform | None = None,
-               fit_images: Mapping[str, Dataset] | None = None) -> "pd.DataFrame":
+               fit_images: Mapping[str, Dataset] | None = None,
+               full_probes: dict | None = None) -> "pd.DataFrame":
     """The rows of the inheritance comparison, each scored on the real ``test`` split; a tidy DataFrame.
 
     ``sides``: backbone name → an object with ``.backbone``, ``.train`` (and optionally ``.stats``), e.g. an
@@ -459,13 +460,15 @@ def comparison(sides: Mapping[str, Any], distilled: Mapping[str, DistilledSet], 
     in float32; the distilled images as PNG; the real training set as uint8) and ``time_s``. ``keep``: a dict
     that receives every inherited classifier under (φ_d name, φ_e name, fit set). ``transform``: how real
     images become the input (test, validation, golden and full-data features, probes, fit views), e.g.
-    ``ctx.transform``; part of every feature cache key.
+    ``ctx.transform``; part of every feature cache key. ``full_probes``: a dict kept across calls on the same
+    ``sides``, ``test`` and probe settings (e.g. one per distillation seed), in which each backbone's full-data
+    probe (φ_d's golden classifier, φ_e's ceiling) is trained once and then reused.
     """
     import time
 
     import pandas as pd
 
-    full: dict[str, evaluate.ProbeResult] = {}
+    full: dict[str, evaluate.ProbeResult] = {} if full_probes is None else full_probes
     view_cache: dict = {}  # view features of each image set, per backbone, shared by the pairs
 
     def full_probe(name: str) -> evaluate.ProbeResult:

@@ -307,6 +307,28 @@ def test_comparison_rows(tiny, mixed, splits):
     assert df2.iloc[1]["top1"] == want.accuracy(z, y)
     with pytest.raises(ValueError, match="choose from distilled, random, centroids, flipped"):
         comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny", ("noise",))], fit_images={"flipped": other})
+    # full_probes: the golden classifier and the ceiling are trained once across calls, and the rows stay equal
+    from sfm_lib import inherit as inherit_mod
+
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args[0].name)
+        return golden_classifier(*args, **kw)
+
+    shared = {}
+    again = dict(fit_images={"flipped": other}, views=4, probe_seeds=(0,), epochs=2, probe_views=2, full_epochs=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inherit_mod, "golden_classifier", counted)
+        first = comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny_mixed", ("distilled", "flipped"))],
+                           full_probes=shared, **again)
+        second = comparison(sides, {"tiny": dset}, test, RES, [("tiny", "tiny_mixed", ("distilled", "flipped"))],
+                            full_probes=shared, **again)
+    assert calls == [tiny.name, mixed.name] and sorted(shared) == ["tiny", "tiny_mixed"]
+    cols = ["method", "fit_on", "top1", "golden_top1", "alpha"]
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(first[cols], second[cols])
+    pd_testing.assert_frame_equal(first[cols], df2[cols])
 
 
 def test_probe_pieces_compose_to_linear_probe(tiny, splits):

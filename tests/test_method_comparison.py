@@ -81,3 +81,38 @@ def test_recorded_costs_reads_bench_methods_results_only(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     assert experiments.recorded_costs(str(tmp_path)) == {"NVIDIA H200 (h200.json)": run}
     assert experiments.recorded_costs(str(tmp_path / "missing")) == {}
+
+
+def test_recorded_full_data_reads_full_probe_results_only(tmp_path):
+    import json
+
+    def result(views, epochs, top1, kind="full"):
+        return {"top1": [top1], "top1_mean": top1, "seeds": [0],
+                "meta": {"kind": kind, "views": views, "epochs": epochs, "scored_on": "val"}}
+
+    (tmp_path / "b.json").write_text(json.dumps(result(4, 30, 88.1)))
+    (tmp_path / "a.json").write_text(json.dumps(result(1, 30, 88.9)))
+    (tmp_path / "random.json").write_text(json.dumps(result(1, 30, 50.0, kind="random")))
+    (tmp_path / "other.json").write_text(json.dumps({"runs": {}}))
+    (tmp_path / "broken.json").write_text("{")
+    table = experiments.recorded_full_data(str(tmp_path))
+    assert table[["views", "top1", "file"]].values.tolist() == [[1, 88.9, "a.json"], [4, 88.1, "b.json"]]
+    assert list(experiments.recorded_full_data(str(tmp_path / "missing")).columns)[:2] == ["views", "epochs"]
+    assert len(experiments.recorded_full_data()) == 3  # the committed results/full_data_views/
+
+
+def test_summarise_comparison_averages_over_distillation_seeds():
+    import pandas as pd
+
+    rows = [("SFM", "equal steps", 0, 70.0, 0.2, 72.0, 300, 10.0), ("SFM", "equal steps", 1, 72.0, 0.4, 73.0, 300, 12.0),
+            ("LGM", "equal steps", 0, 60.0, 1.0, 61.0, 300, 30.0), ("LGM", "equal steps", 1, 66.0, 3.0, 65.0, 300, 34.0),
+            ("LGM", "equal time", 0, 58.0, 1.0, 59.0, 100, 10.0), ("LGM", "equal time", 1, 62.0, 1.0, 61.0, 120, 12.0)]
+    acc = pd.DataFrame(rows, columns=["method", "comparison", "distill_seed", "top1_mean", "top1_std",
+                                      "val_top1_mean", "steps", "time_s"])
+    summary = experiments.summarise_comparison(acc, random_top1=50.0)
+    assert list(summary.index) == [("equal steps", "SFM"), ("equal steps", "LGM"), ("equal time", "LGM")]
+    lgm = summary.loc[("equal steps", "LGM")]
+    assert lgm.top1 == 63.0 and lgm.val_top1 == 63.0 and lgm.probe_std == 2.0 and lgm.time_s == 32.0
+    assert lgm.seed_std == pytest.approx((2 * 3.0 ** 2) ** 0.5)  # sample std of (60, 66)
+    assert summary.loc[("equal time", "LGM")].steps == 110.0
+    assert summary["gain_over_random"].tolist() == [21.0, 13.0, 10.0]

@@ -65,6 +65,13 @@ def test_every_command_runs_on_the_mixed_folder(folder, tmp_path, capsys):
                  "--out", str(tmp_path / "no.safetensors")]) == 2
     bad = capsys.readouterr().err.strip().splitlines()
     assert len(bad) == 1 and "--init-from" in bad[0] and "needs 6 (--ipc 2)" in bad[0], bad
+    uneven = DistilledSet.load(sfm)  # three images, but two of class 0 and none of class 2
+    uneven.labels = torch.tensor([0, 0, 1])
+    uneven.save(tmp_path / "uneven.safetensors")
+    assert main(["distill", *common, "--method", "unrolled", "--init-from", str(tmp_path / "uneven.safetensors"),
+                 "--steps", "1", "--out", str(tmp_path / "no.safetensors")]) == 2
+    bad = capsys.readouterr().err.strip().splitlines()
+    assert len(bad) == 1 and "[2, 1, 0] images per class" in bad[0], bad
     for path in (sfm, lgm, clp, refined):
         d = DistilledSet.load(path)
         assert d.images.shape == (3, 3, RES, RES) and torch.isfinite(d.images).all()

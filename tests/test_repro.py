@@ -57,6 +57,8 @@ def test_the_papers_presets_cover_the_papers_settings():
                 assert p["two_pass"] is (ds == "in1k" and ipc == 10)
                 assert set(p["eval_backbones"]) == set(timm.values()) - {model}
                 assert p["lgm_augs"] == (3 if ds == "in1k" else 10)
+                if p["ipc_large"]:  # chapter 4 compares the methods at IPC 10 for the run's own steps
+                    assert p["steps_methods_large"] == p["steps"]
     assert names == {"tiny", "cpu-default"}
 
 
