@@ -123,7 +123,12 @@ def test_sfm_then_unrolled_runs_both_stages_from_one_start_and_numbers_the_steps
     first = experiments.distilled(ctx, steps=7, seed=2, init="real")
     assert not torch.equal(first.images, ours.images), "the refinement moved the images"
     then = experiments.distilled(ctx, method="unrolled", steps=3, seed=2, init=first.images.clone(),
-                                 lr=experiments.REFINE_LR, real_batch=32, probe_steps=3)
+                                 lr=experiments.REFINE_LR, real_batch=32, probe_steps=3,
+                                 augs=experiments.REFINE_AUGS)  # the refinement's own views per step
     torch.testing.assert_close(then.images, ours.images, rtol=0, atol=0)
+    assert ours.meta["refine_augs"] == experiments.REFINE_AUGS != 1
+    same = experiments.distilled(ctx, method="sfm+unrolled", steps=10, seed=2, init="real", real_batch=32,
+                                 probe_steps=3, augs=2, refine_augs=None)  # None: SFM's views per step
+    assert same.meta["refine_augs"] == 2
     with pytest.raises(ValueError, match="refine_fraction must lie in"):
         experiments.distilled(ctx, method="sfm+unrolled", steps=10, refine_fraction=1.5)

@@ -116,3 +116,18 @@ def test_summarise_comparison_averages_over_distillation_seeds():
     assert lgm.seed_std == pytest.approx((2 * 3.0 ** 2) ** 0.5)  # sample std of (60, 66)
     assert summary.loc[("equal time", "LGM")].steps == 110.0
     assert summary["gain_over_random"].tolist() == [21.0, 13.0, 10.0]
+
+
+def test_recorded_refinement_summarises_the_seeds_of_each_variant(tmp_path):
+    import json
+
+    rows = [{"variant": "sfm", "distill_seed": 0, "val_top1": 72.0, "top1": 71.0},
+            {"variant": "sfm", "distill_seed": 1, "val_top1": 74.0, "top1": 73.0},
+            {"variant": "ours", "distill_seed": 0, "val_top1": 76.0, "top1": 75.0}]
+    (tmp_path / "ipc1.json").write_text(json.dumps({"ipc": 1, "rows": rows}))
+    (tmp_path / "other.json").write_text(json.dumps({"runs": {}}))
+    table = experiments.recorded_refinement(str(tmp_path))
+    assert list(table.index) == [(1, "sfm"), (1, "ours")]
+    sfm = table.loc[(1, "sfm")]
+    assert (sfm.val_top1, sfm.top1, sfm.seeds) == (73.0, 72.0, 2) and sfm.val_std == pytest.approx(2 ** 0.5)
+    assert experiments.recorded_refinement(str(tmp_path / "missing")).empty
