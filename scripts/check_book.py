@@ -7,7 +7,8 @@ A page fails when it
   * shows raw TeX in its visible text (``\\[``, ``\\(``, ``\\frac``, ``$$``, ``\\begin{``),
   * has math in its source (Sphinx's ``.math`` elements) that MathJax did not render (``mjx-container``),
   * has an image that does not load (``naturalWidth`` 0),
-  * has a code cell wider than its box (cut at the right edge at the 1280 px window width), or a table
+  * has a code cell or a code block of the prose wider than its box (cut at the right edge at the 1280 px
+    window width), or a table
     in a cell's output wider than the column (its right columns hidden behind a scroll bar),
   * holds a traceback, a warning or a stderr stream in a notebook cell's output; a figure whose labels
     overlap is named as such (``sfm_lib.plots`` warns "figure labels overlap" when it is drawn),
@@ -92,7 +93,9 @@ PAGE_JS = r"""
     else if (/\b\w*Warning:/.test(text)) why = "warning";
     if (why) outputs.push(why + ": " + text.trim().split("\n")[0].slice(0, 100));
   }
-  const cut = [...document.querySelectorAll(".cell_input pre")]
+  // code cells, and code blocks of the prose (a shell command, a snippet): not the outputs, which wrap
+  const cut = [...document.querySelectorAll(".cell_input pre, div[class*='highlight-'] pre")]
+    .filter(p => !p.closest(".cell_output"))
     .filter(p => p.scrollWidth > p.clientWidth + 1)
     .map(p => p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "").slice(0, 60));
   const wide = [...document.querySelectorAll(".cell_output table")]

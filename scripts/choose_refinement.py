@@ -1,8 +1,8 @@
 """How ours (``experiments.distilled(method="sfm+unrolled")``) was set, on the validation split of the offline
 default: Fashion-MNIST, EfficientNet-Lite0, 64 px, the recipe ``fmnist-lite0-64``. At IPC 1 (the recipe's 500
 steps, two views per SFM step) each variant changes one setting of the refinement (the last 30 % of the steps)
-or of SFM alone; at IPC 10 (``--ipc 10``: chapter 4's setting, 200 steps, one view per SFM step, sub-class
-targets) SFM against ours. Every distillation seed is scored by three probes (1000 epochs, 40 views).
+or of SFM alone; at IPC 10 (``--ipc 10``: 200 steps, one view per SFM step, sub-class
+targets, as chapter 4 compares the methods) SFM against ours. Every distillation seed is scored by three probes (1000 epochs, 40 views).
 
     python scripts/choose_refinement.py [--ipc 1|10] [--variants NAME,...] [--seeds 0,1,2] [--out FILE]
 
@@ -62,7 +62,7 @@ def main() -> None:
     ctx = experiments.prepare("fashion_mnist", "effnet_lite0", 64, 0, "cpu", False, progress=False,
                               kmeans_k=10 if a.ipc == 10 else 0)
     base = recipes.run("fmnist-lite0-64", {}).sfm_kwargs()
-    if a.ipc == 10:  # chapter 4's IPC 10 comparison: 200 steps
+    if a.ipc == 10:  # as chapter 4's IPC 10 comparison, at 200 steps
         base = {**base, "steps": 200}
     rows = []
     for name in names:

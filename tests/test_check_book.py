@@ -66,6 +66,12 @@ def reports(tmp_path_factory):
         "js_error": _page('<script>throw new Error("boom")</script><p>Text.</p>'),
         "wide_code": _page('<div class="cell_input"><pre style="width: 300px; overflow: auto">'
                            + "x = 1  # " + "long comment " * 10 + "</pre></div>"),
+        # a shell command of the prose cut at its box; a wide output is not code (outputs wrap or scroll)
+        "wide_prose_code": _page('<div class="highlight-bash notranslate"><div class="highlight">'
+                                 '<pre style="width: 300px; overflow: auto">python -m sfm_lib distill '
+                                 + "--long-option value " * 10 + "</pre></div></div>"
+                                 + '<div class="cell_output"><div class="highlight-none"><pre style="width: 300px;'
+                                 ' overflow: auto">' + "output " * 40 + "</pre></div></div>"),
         # a table wider than its column (hidden behind a scroll bar), and a narrow one that fits
         "wide_table": _page('<div class="cell_output" style="width: 300px; overflow-x: auto"><table>'
                             '<tr><th>top1</th>' + "<th>a long column name</th>" * 6 + '</tr></table></div>'
@@ -127,6 +133,11 @@ def test_tracebacks_warnings_and_stderr_in_outputs_are_caught(reports, page, kin
 
 def test_code_wider_than_its_box_is_caught(reports):
     assert any(p.startswith("code cut at the right edge: 'x = 1") for p in reports[0]["wide_code"].problems)
+
+
+def test_a_code_block_of_the_prose_wider_than_its_box_is_caught(reports):
+    problems = [p for p in reports[0]["wide_prose_code"].problems if p.startswith("code cut")]
+    assert problems == ["code cut at the right edge: 'python -m sfm_lib distill --long-option value --long-option '"]
 
 
 def test_a_table_wider_than_its_column_is_caught(reports):
