@@ -17,13 +17,12 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfm_lib import evaluate, experiments, recipes  # noqa: E402
+from sfm_lib import experiments, recipes  # noqa: E402
 
 OURS = {"method": "sfm+unrolled"}
 # name → (what it is, the keyword arguments of experiments.distilled over the recipe)
@@ -61,22 +60,15 @@ def main() -> None:
     seeds = [int(s) for s in (a.seeds or ("0,1,2" if a.ipc == 1 else "0,1")).split(",")]
     ctx = experiments.prepare("fashion_mnist", "effnet_lite0", 64, 0, "cpu", False, progress=False,
                               kmeans_k=10 if a.ipc == 10 else 0)
-    base = recipes.run("fmnist-lite0-64", {}).sfm_kwargs()
+    base = {**recipes.run("fmnist-lite0-64", {}).sfm_kwargs(), "ipc": a.ipc}
     if a.ipc == 10:  # as chapter 4's IPC 10 comparison, at 200 steps
         base = {**base, "steps": 200}
-    rows = []
-    for name in names:
-        what, over = table[name]
-        for seed in seeds:
-            t0 = time.perf_counter()
-            images = experiments.distilled(ctx, ipc=a.ipc, seed=seed, **{**base, **over})
-            probe = evaluate.linear_probe(ctx.backbone, images, ctx.test, ctx.resolution, epochs=1000,
-                                          seeds=(0, 1, 2), views=40, transform=ctx.transform)
-            val = evaluate.score_on(probe, ctx.backbone, ctx.val, ctx.resolution, transform=ctx.transform)
-            rows.append({"variant": name, "what": what, "distill_seed": seed, "val_top1": round(val.top1_mean, 2),
-                         "top1": round(probe.top1_mean, 2), "wall_s": round(time.perf_counter() - t0, 1),
-                         "distill_time_s": images.meta.get("time_s")})
-            print(json.dumps(rows[-1]), flush=True)
+    # experiments.sweep: each variant over the recipe, probed on test and scored on validation
+    found = experiments.sweep(ctx, {name: table[name][1] for name in names}, base=base, distill_seeds=seeds,
+                              probe_seeds=(0, 1, 2), epochs=1000, views=40)
+    rows = [{"variant": r["variant"], "what": table[r["variant"]][0], "distill_seed": int(r["distill_seed"]),
+             "val_top1": round(r["val_top1_mean"], 2), "top1": round(r["top1_mean"], 2)}
+            for r in found.to_dict("records")]
     out = Path(a.out or ROOT / "results" / "refinement_choice" / f"ipc{a.ipc}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python scripts/choose_refinement.py " + " ".join(sys.argv[1:]),
