@@ -13,7 +13,6 @@ command, the machine and one row per (variant, seed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sfm_lib import experiments, recipes  # noqa: E402
+from sfm_lib.utils import write_json  # noqa: E402
 
 OURS = {"method": "sfm+unrolled"}
 # name → (what it is, the keyword arguments of experiments.distilled over the recipe)
@@ -70,13 +70,10 @@ def main() -> None:
              "val_top1": round(r["val_top1_mean"], 2), "top1": round(r["top1_mean"], 2)}
             for r in found.to_dict("records")]
     out = Path(a.out or ROOT / "results" / "refinement_choice" / f"ipc{a.ipc}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python scripts/choose_refinement.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "steps": base["steps"], "ipc": a.ipc,
               "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(out, record)
     print(f"wrote {out}")
 
 

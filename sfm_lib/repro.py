@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .utils import atomic_path
+from .utils import atomic_path, write_json
 
 __all__ = ["RESULTS_ENV", "record", "repository_root", "presets", "load_preset", "parse_value", "chapters",
            "chapter_parameters", "check_keys", "check_types", "run"]
@@ -222,8 +222,7 @@ def _collect(out: Path, notebooks: list[Path]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, allow_nan=False, default=str))
+    write_json(path, payload)
 
 
 def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,

@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "cache_dir", "atomic_path", "DiskFullError", "save_tensors", "load_tensors"]
+__all__ = ["resolve_device", "cache_dir", "atomic_path", "write_json", "DiskFullError", "save_tensors",
+           "load_tensors"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -58,6 +59,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise DiskFullError(errno.ENOSPC, f"the disk is full: could not write {path} ({kept}); free some "
                                               f"space on {path.parent} or write elsewhere") from err
         raise
+
+
+def write_json(path: str | os.PathLike, payload: Any, indent: int = 1) -> None:
+    """``payload`` as JSON at ``path``, atomically (:func:`atomic_path`): strict JSON (no NaN), values that
+    JSON has no type for (paths, dates) as their ``str``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=indent, allow_nan=False, default=str) + "\n")
 
 
 class DiskFullError(OSError):

@@ -260,6 +260,21 @@ def test_a_full_disk_is_recognised_from_the_writers_own_error(tmp_path, monkeypa
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
 
 
+def test_write_json_is_strict_and_keeps_the_earlier_file_when_it_fails(tmp_path):
+    import json
+    from pathlib import Path
+
+    from sfm_lib.utils import write_json
+
+    target = tmp_path / "r.json"
+    write_json(target, {"top1": 71.5, "where": Path("/data")})
+    assert json.loads(target.read_text()) == {"top1": 71.5, "where": "/data"}
+    before = target.read_text()
+    with pytest.raises(ValueError):
+        write_json(target, {"top1": float("nan")})  # NaN is not JSON: refused, and nothing is half-written
+    assert target.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 def test_a_negative_step_count_names_the_value(capsys, tmp_path):
     from sfm_lib import cli
 
