@@ -264,6 +264,29 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
     return pd.DataFrame(rows)
 
 
+def ablation_table(ctx: Context, names: Sequence[str], base: Mapping[str, Any], *,
+                   distill_seeds: Sequence[int] = (0,), probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000,
+                   views: int = 40) -> "pd.DataFrame":
+    """The named :data:`ABLATIONS` over the recipe ``base``, each a :func:`sweep`, one table: the rows of
+    every sweep with its name in ``ablation``. The ``"augs"`` ablation has a third variant, one view for
+    twice ``base["steps"]`` (as many backbone passes as two views): is the second view worth its cost?"""
+    import pandas as pd
+
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+    tables = []
+    for name in names:
+        variants = dict(ABLATIONS[name])
+        if name == "augs":
+            variants["A=1, twice the steps"] = {"augs": 1, "steps": 2 * base["steps"]}
+        df = sweep(ctx, variants, base=base, distill_seeds=distill_seeds, probe_seeds=probe_seeds, epochs=epochs,
+                   views=views)
+        tables.append(df.assign(ablation=name))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["variant", "distill_seed", "top1_mean", "top1_std", "val_top1_mean", "final_loss", "ablation"])
+
+
 def _val_top1(ctx: Context, probe: "evaluate.ProbeResult") -> float:
     """Mean top-1 of the same probes on the validation split (NaN when the context has none)."""
     if ctx.val is None or len(ctx.val) == 0:
@@ -288,7 +311,7 @@ def choose_on_validation(table: "pd.DataFrame", by: str = "variant", within: str
     return pd.DataFrame(rows)
 
 
-__all__ += ["StepClock", "method_comparison", "choose_on_validation"]
+__all__ += ["StepClock", "method_comparison", "choose_on_validation", "ablation_table"]
 
 
 class StepClock:
@@ -382,7 +405,8 @@ def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFra
     return summary
 
 
-__all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data", "recorded_refinement"]
+__all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data", "recorded_refinement",
+            "recorded_ablations", "setting"]
 
 
 def _recorded_json(folder: str | None, default: str) -> Iterator[tuple[str, Any]]:
@@ -435,6 +459,34 @@ def recorded_refinement(folder: str | None = None) -> "pd.DataFrame":
     return pd.DataFrame(rows).groupby(["ipc", "variant"], sort=False).agg(
         val_top1=("val_top1", "mean"), val_std=("val_top1", "std"), top1=("top1", "mean"),
         seeds=("distill_seed", "count"))
+
+
+def setting(ctx: Context, run: Any, **extra: Any) -> dict[str, Any]:
+    """What a recorded run must match to be shown beside a chapter's own: the data (name, training images),
+    the backbone (name, pretrained or not), its input (resolution, transform), the recipe
+    (``run.describe()`` of a :class:`sfm_lib.recipes.Run`) and ``extra`` (e.g. the probe settings). Not
+    the device: a GPU and a CPU run of the same setting are the same experiment."""
+    return {"dataset": ctx.train.name, "train_images": len(ctx.train), "backbone": ctx.backbone.name,
+            "pretrained": ctx.backbone.pretrained, "resolution": ctx.resolution, "transform": repr(ctx.transform),
+            "recipe": run.describe(), **extra}
+
+
+def recorded_ablations(folder: str | None = None, setting: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+    """The ``python scripts/record_ablations.py`` rows (:func:`ablation_table`) committed under ``folder``
+    (default: ``results/ablations/``), in the order run; with ``setting`` only the files whose recorded
+    ``setting`` holds every one of its items (e.g. the dataset, backbone and recipe of a chapter), so that
+    another data set or backbone never shows them. Files that are not such results are skipped."""
+    import pandas as pd
+
+    rows = []
+    for _, content in _recorded_json(folder, "ablations"):
+        if not (isinstance(content, dict) and isinstance(content.get("rows"), list)):
+            continue
+        kept = content.get("setting") or {}
+        if setting is None or all(kept.get(k) == v for k, v in setting.items()):
+            rows += [r for r in content["rows"] if isinstance(r, dict)]
+    return pd.DataFrame(rows, columns=None if rows else ["ablation", "variant", "distill_seed", "top1_mean",
+                                                         "top1_std", "val_top1_mean", "final_loss"])
 
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:

@@ -132,3 +132,76 @@ def test_sfm_then_unrolled_runs_both_stages_from_one_start_and_numbers_the_steps
     assert same.meta["refine_augs"] == 2
     with pytest.raises(ValueError, match="refine_fraction must lie in"):
         experiments.distilled(ctx, method="sfm+unrolled", steps=10, refine_fraction=1.5)
+
+
+def test_ablation_table_is_one_sweep_per_ablation_and_views_get_the_equal_cost_row(monkeypatch):
+    import pandas as pd
+
+    calls = []
+
+    def sweep(ctx, variants, *, base, **kw):
+        calls.append((dict(variants), base, kw))
+        return pd.DataFrame({"variant": list(variants), "top1_mean": range(len(variants))})
+
+    monkeypatch.setattr(experiments, "sweep", sweep)
+    table = experiments.ablation_table("ctx", ["augs", "loss"], {"steps": 7}, distill_seeds=(3,), epochs=5)
+    assert [c[0] for c in calls] == [{**experiments.ABLATIONS["augs"], "A=1, twice the steps":
+                                      {"augs": 1, "steps": 14}}, experiments.ABLATIONS["loss"]]
+    assert all(c[1] == {"steps": 7} and c[2]["distill_seeds"] == (3,) and c[2]["epochs"] == 5 for c in calls)
+    assert table["ablation"].tolist() == ["augs"] * 3 + ["loss"] * 2
+    assert table["variant"].tolist() == ["A=1", "A=2", "A=1, twice the steps", *experiments.ABLATIONS["loss"]]
+    assert experiments.ablation_table("ctx", [], {"steps": 7}).empty
+    with pytest.raises(ValueError, match="unknown ablations \\['colour'\\]"):
+        experiments.ablation_table("ctx", ["colour"], {"steps": 7})
+
+
+def test_recorded_ablations_shows_only_the_rows_of_the_same_setting(tmp_path):
+    import json
+
+    rows = [{"ablation": "ema", "variant": "no smoothing", "val_top1_mean": 70.0, "top1_mean": 69.0}]
+    (tmp_path / "ipc1.json").write_text(json.dumps({"setting": {"dataset": "fmnist", "probe_seeds": [0, 1]},
+                                                    "rows": rows}))
+    (tmp_path / "other.json").write_text(json.dumps({"runs": {}}))
+    assert experiments.recorded_ablations(str(tmp_path)).to_dict("records") == rows
+    same = {"dataset": "fmnist", "probe_seeds": [0, 1]}
+    assert experiments.recorded_ablations(str(tmp_path), setting=same).to_dict("records") == rows
+    for other in ({**same, "dataset": "cifar10"}, {**same, "probe_seeds": [0]}, {**same, "recipe": "paper"}):
+        empty = experiments.recorded_ablations(str(tmp_path), setting=other)
+        assert empty.empty and "val_top1_mean" in empty.columns  # the chapter indexes its columns
+    assert experiments.recorded_ablations(str(tmp_path / "missing")).empty
+
+
+def test_the_setting_of_a_recorded_run_is_the_data_backbone_input_and_recipe_not_the_device(ctx):
+    from sfm_lib import recipes
+
+    run = recipes.run("fmnist-lite0-64", {})
+    got = experiments.setting(ctx, run, epochs=3)
+    assert got["dataset"] == ctx.train.name and got["train_images"] == len(ctx.train)
+    assert got["backbone"] == ctx.backbone.name and got["resolution"] == ctx.resolution
+    assert got["recipe"] == run.describe() and got["epochs"] == 3 and "device" not in got
+    assert experiments.setting(ctx, recipes.run("fmnist-lite0-64", {"lr": 0.01}))["recipe"] != got["recipe"]
+    assert "cpu" not in str(got)
+
+
+def test_the_recorded_ablations_are_in_chapter_3s_setting():
+    """Chapter 3 shows results/ablations/ipc1.json only where its setting equals the chapter's: a change of
+    the recipe or of the chapter's probe defaults must come with a new recording (scripts/record_ablations.py)."""
+    import json
+    from pathlib import Path
+
+    import papermill as pm
+
+    from sfm_lib import recipes
+
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "results" / "ablations" / "ipc1.json").read_text())
+    rows = experiments.recorded_ablations()
+    assert list(dict.fromkeys(rows["ablation"])) == ["augs", "ema", "noise", "param", "loss"] and len(rows) == 11
+    chapter = pm.inspect_notebook(str(root / "book" / "03_evaluation.ipynb"))
+    declared = {k: eval(v["default"]) for k, v in chapter.items()}
+    got = record["setting"]
+    assert got["recipe"] == recipes.run(declared["recipe"], declared["recipe_overrides"]).describe()
+    assert (got["dataset"], got["backbone"], got["resolution"]) == (declared["dataset"], declared["backbone"],
+                                                                     declared["resolution"])
+    assert got["probe_seeds"] == declared["probe_seeds"] and got["distill_seeds"] == declared["distill_seeds"][:1]
+    assert (got["epochs"], got["views"]) == (declared["epochs"], declared["views"]) and declared["ablations"] == []
