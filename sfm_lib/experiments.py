@@ -4,7 +4,11 @@
   later chapter does not redo the first chapter's pass).
 - :func:`distilled` runs :func:`sfm_lib.distill.sfm` (or ``lgm``), or returns the result of an identical earlier call.
 - :func:`sweep` distils and probes a set of variants and returns a tidy table; :data:`ABLATIONS` holds the
-  standard ones (augmented views, smoothing, parameterisation, loss, sub-class targets, IPC).
+  standard ones (augmented views, smoothing, parameterisation, loss, sub-class targets, IPC), and
+  :func:`ablation_table` runs several of them over a recipe.
+- :func:`method_comparison` sets methods side by side at equal steps and at equal time.
+- ``recorded_*`` read the runs committed under ``results/`` (each with the command that made it);
+  :func:`setting` is what a recording must share with a chapter to be shown in it.
 """
 from __future__ import annotations
 
