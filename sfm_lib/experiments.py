@@ -268,6 +268,10 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
     return pd.DataFrame(rows)
 
 
+_ABLATION_COLUMNS = ["ablation", "variant", "distill_seed", "top1_mean", "top1_std", "val_top1_mean", "final_loss"]
+"""The columns of :func:`ablation_table` (and of its recordings) when there are no rows."""
+
+
 def ablation_table(ctx: Context, names: Sequence[str], base: Mapping[str, Any], *,
                    distill_seeds: Sequence[int] = (0,), probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000,
                    views: int = 40) -> "pd.DataFrame":
@@ -287,8 +291,7 @@ def ablation_table(ctx: Context, names: Sequence[str], base: Mapping[str, Any], 
         df = sweep(ctx, variants, base=base, distill_seeds=distill_seeds, probe_seeds=probe_seeds, epochs=epochs,
                    views=views)
         tables.append(df.assign(ablation=name))
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["variant", "distill_seed", "top1_mean", "top1_std", "val_top1_mean", "final_loss", "ablation"])
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_ABLATION_COLUMNS)
 
 
 def _val_top1(ctx: Context, probe: "evaluate.ProbeResult") -> float:
@@ -489,8 +492,7 @@ def recorded_ablations(folder: str | None = None, setting: Mapping[str, Any] | N
         kept = content.get("setting") or {}
         if setting is None or all(kept.get(k) == v for k, v in setting.items()):
             rows += [r for r in content["rows"] if isinstance(r, dict)]
-    return pd.DataFrame(rows, columns=None if rows else ["ablation", "variant", "distill_seed", "top1_mean",
-                                                         "top1_std", "val_top1_mean", "final_loss"])
+    return pd.DataFrame(rows, columns=None if rows else _ABLATION_COLUMNS)
 
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:

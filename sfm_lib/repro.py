@@ -221,10 +221,6 @@ def _collect(out: Path, notebooks: list[Path]) -> dict[str, Any]:
     return found
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    write_json(path, payload)
-
-
 def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
         only: Sequence[str] | None = None, timeout: int = 86400, root: str | os.PathLike | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -287,11 +283,11 @@ def run(preset: str | os.PathLike, out: str | os.PathLike, overrides: Mapping[st
                                        f"the error is {out / nb.name}; run again to retry it)") from None
                 finished = {"parameters": mine, "time_s": round(time.perf_counter() - t0, 1),
                             "figures": _save_figures(out / nb.name, figures, stem)}
-                _write_json(marker, finished)
+                write_json(marker, finished)
                 log(f"{label}: done in {finished['time_s']} s, {len(finished['figures'])} figures, "
                     f"{len(_tables(tables))} tables")
             results["chapters"] = _collect(out, notebooks)
-            _write_json(out / "results.json", results)
+            write_json(out / "results.json", results)
     finally:
         if previous is None:
             os.environ.pop(RESULTS_ENV, None)
