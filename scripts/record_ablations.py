@@ -1,15 +1,15 @@
 """Chapter 3's ablations on the offline default, run once and recorded: Fashion-MNIST, EfficientNet-Lite0,
 64 px, the recipe ``fmnist-lite0-64`` at IPC 1, each pair of :data:`sfm_lib.experiments.ABLATIONS` changing
-one of its settings (:func:`sfm_lib.experiments.ablation_table`), one distillation seed, three probes (1000
+one of its settings (:func:`sfm_lib.experiments.ablation_table`), three distillation seeds, three probes (1000
 epochs, 40 views), scored on the test and the validation split. The chapter reads the file when its
-``ablations`` parameter is empty (its default: on two CPU cores the runs take about six minutes of the
+``ablations`` parameter is empty (its default: on two CPU cores the runs take about twelve minutes of the
 build), and chooses on the validation column.
 
     python scripts/record_ablations.py [--ablations augs,ema,...] [--out FILE]
 
 Distilled sets come from the cache (``SFM_CACHE``) where an earlier run made them. The JSON (written
 atomically) holds the command, the machine, the setting (the chapter shows the rows only for the same one)
-and one row per (ablation, variant).
+and one row per (ablation, variant, distillation seed).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from sfm_lib import experiments, recipes, report  # noqa: E402
 from sfm_lib.utils import write_json  # noqa: E402
 
 ALL = ["augs", "ema", "noise", "param", "loss"]  # chapter 3's pairs
-PROBE = {"probe_seeds": [0, 1, 2], "epochs": 1000, "views": 40, "distill_seeds": [0]}
+PROBE = {"probe_seeds": [0, 1, 2], "epochs": 1000, "views": 40, "distill_seeds": [0, 1, 2]}
 
 
 def main() -> None:

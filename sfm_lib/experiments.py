@@ -6,7 +6,8 @@
 - :func:`sweep` distils and probes a set of variants and returns a tidy table; :data:`ABLATIONS` holds the
   standard ones (augmented views, smoothing, parameterisation, loss, sub-class targets, IPC), and
   :func:`ablation_table` runs several of them over a recipe.
-- :func:`method_comparison` sets methods side by side at equal steps and at equal time.
+- :func:`method_comparison` sets methods side by side at equal steps and at equal time;
+  :func:`comparison_methods` are chapter 4's.
 - ``recorded_*`` read the runs committed under ``results/`` (each with the command that made it);
   :func:`setting` is what a recording must share with a chapter to be shown in it.
 """
@@ -28,6 +29,8 @@ from .utils import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from . import recipes
 
 __all__ = ["Context", "prepare", "distilled", "step_seconds", "sweep", "ABLATIONS", "REFINE_FRACTION", "REFINE_LR",
            "REFINE_AUGS"]
@@ -268,7 +271,8 @@ def sweep(ctx: Context, variants: Mapping[str, Mapping[str, Any]], *, base: Mapp
     return pd.DataFrame(rows)
 
 
-_ABLATION_COLUMNS = ["ablation", "variant", "distill_seed", "top1_mean", "top1_std", "val_top1_mean", "final_loss"]
+_ABLATION_COLUMNS = ["ablation", "variant", "recipe", "distill_seed", "top1_mean", "top1_std", "val_top1_mean",
+                     "final_loss"]
 """The columns of :func:`ablation_table` (and of its recordings) when there are no rows."""
 
 
@@ -276,8 +280,10 @@ def ablation_table(ctx: Context, names: Sequence[str], base: Mapping[str, Any], 
                    distill_seeds: Sequence[int] = (0,), probe_seeds: Sequence[int] = (0, 1, 2), epochs: int = 1000,
                    views: int = 40) -> "pd.DataFrame":
     """The named :data:`ABLATIONS` over the recipe ``base``, each a :func:`sweep`, one table: the rows of
-    every sweep with its name in ``ablation``. The ``"augs"`` ablation has a third variant, one view for
-    twice ``base["steps"]`` (as many backbone passes as two views): is the second view worth its cost?"""
+    every sweep with its name in ``ablation`` and ``recipe`` true on the variant that restates ``base``
+    (which :func:`choose_on_validation` keeps unless another earns its place). The ``"augs"`` ablation has
+    a third variant, one view for twice ``base["steps"]`` (as many backbone passes as two views): is the
+    second view worth its cost?"""
     import pandas as pd
 
     unknown = [n for n in names if n not in ABLATIONS]
@@ -290,6 +296,7 @@ def ablation_table(ctx: Context, names: Sequence[str], base: Mapping[str, Any], 
             variants["A=1, twice the steps"] = {"augs": 1, "steps": 2 * base["steps"]}
         df = sweep(ctx, variants, base=base, distill_seeds=distill_seeds, probe_seeds=probe_seeds, epochs=epochs,
                    views=views)
+        df["recipe"] = [_is_recipe(variants[v], base) for v in df["variant"]]
         tables.append(df.assign(ablation=name))
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_ABLATION_COLUMNS)
 
@@ -303,19 +310,53 @@ def _val_top1(ctx: Context, probe: "evaluate.ProbeResult") -> float:
 
 def choose_on_validation(table: "pd.DataFrame", by: str = "variant", within: str | None = None) -> "pd.DataFrame":
     """For each group ``within`` (e.g. an ablation), the row of ``by`` whose mean ``val_top1_mean`` over
-    distillation seeds is highest: the choice made on validation, with its test top-1 beside it. Columns:
-    ``within`` (if given), ``chosen``, ``val_top1``, ``test_top1``."""
+    distillation seeds is highest: the choice made on validation, with its test top-1 beside it. Where the
+    table marks the recipe's own rows (a boolean ``recipe`` column, as :func:`ablation_table`'s), the best
+    other row replaces the recipe's only if it leads it on validation by more than the seeds' spread:
+    ``lead`` = its mean − the recipe's mean (negative where the recipe is ahead) > ``spread`` = the larger
+    std over distillation seeds of the two (0 with one seed). Columns: ``within`` (if given), then with a
+    recipe column ``recipe``, ``other`` (that best other row), ``lead`` and ``spread``, then ``chosen``,
+    ``val_top1``, ``test_top1``."""
     import pandas as pd
 
     keys = [within, by] if within else [by]
-    means = table.groupby(keys, sort=False)[["val_top1_mean", "top1_mean"]].mean().reset_index()
-    groups = means.groupby(within, sort=False) if within else [(None, means)]
+    grouped = table.groupby(keys, sort=False)
+    means = grouped.agg(val=("val_top1_mean", "mean"), val_std=("val_top1_mean", "std"),
+                        test=("top1_mean", "mean")).reset_index()
+    marked = "recipe" in table.columns
+    if marked:
+        means["recipe"] = grouped["recipe"].any().to_numpy()
     rows = []
-    for name, g in groups:
-        best = g.loc[g["val_top1_mean"].idxmax()]
+    for name, g in (means.groupby(within, sort=False) if within else [(None, means)]):
+        pick = g.loc[g["val"].idxmax()]
         row = {within: name} if within else {}
-        rows.append({**row, "chosen": best[by], "val_top1": best["val_top1_mean"], "test_top1": best["top1_mean"]})
+        if marked and g["recipe"].any() and not g["recipe"].all():
+            own, others = g[g["recipe"]].iloc[0], g[~g["recipe"]]
+            best = others.loc[others["val"].idxmax()]
+            lead, spread = best["val"] - own["val"], float(pd.Series([best["val_std"], own["val_std"]]).max())
+            spread = 0.0 if spread != spread else spread  # one seed: NaN std, no spread
+            pick = best if lead > spread else own
+            row.update(recipe=own[by], other=best[by], lead=lead, spread=spread)
+        rows.append({**row, "chosen": pick[by], "val_top1": pick["val"], "test_top1": pick["test"]})
     return pd.DataFrame(rows)
+
+
+def _is_recipe(kw: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    """Whether the ablation variant ``kw`` only restates the recipe ``base`` (keyword arguments of
+    :func:`distilled`): every key equals the recipe's value, its augmentation's for ``noise_p`` and
+    ``crop_scale``, or :func:`sfm_lib.distill.sfm`'s default where the recipe does not set it."""
+    defaults = {k: v.default for k, v in _SIGNATURES["sfm"].parameters.items()}
+    aug = base.get("augment")
+    for key, value in kw.items():
+        if key == "noise_p" and aug is not None:
+            own = aug.noise_p
+        elif key == "crop_scale" and aug is not None:
+            own = aug.scale[0]
+        else:
+            own = base.get(key, defaults.get(key))
+        if own != value:
+            return False
+    return True
 
 
 __all__ += ["StepClock", "method_comparison", "choose_on_validation", "ablation_table"]
@@ -344,6 +385,34 @@ class StepClock:
             if self.budget_s is not None:
                 with torch.no_grad():
                     self.images = images.decode().float().cpu()
+
+
+def comparison_methods(recipe: "recipes.Recipe", *, lgm_augs: int = 3,
+                       large: bool = False) -> dict[str, dict[str, Any]]:
+    """Chapter 4's methods, as :func:`method_comparison`'s ``methods``, SFM first (the reference whose wall
+    time is the equal-time budget): SFM with the recipe's views and running average, LGM with ``lgm_augs``
+    copies, CLP-DD with the recipe's views, and ours (SFM refined by the unrolled probe). ``large``: the
+    form of its larger IPC, every method at one view per image and step (A = 1) and SFM and ours with
+    sub-class targets."""
+    if large:
+        one = {"augs": 1}
+        return {"SFM + sub-class": dict(one, ema=recipe.ema, subclass=True), "LGM": dict(one, method="lgm"),
+                "CLP-DD": dict(one, method="clp"),
+                "ours + sub-class": dict(one, method="sfm+unrolled", ema=recipe.ema, subclass=True)}
+    return {"SFM": dict(augs=recipe.augs, ema=recipe.ema), "LGM": dict(method="lgm", augs=lgm_augs),
+            "CLP-DD": dict(method="clp", augs=recipe.augs),
+            "ours": dict(method="sfm+unrolled", augs=recipe.augs, ema=recipe.ema)}
+
+
+def refinement() -> dict[str, float]:
+    """The settings of ours' refinement (:data:`REFINE_FRACTION`, :data:`REFINE_LR`, :data:`REFINE_AUGS`),
+    for the setting of a recorded run."""
+    return {"fraction": REFINE_FRACTION, "lr": REFINE_LR, "augs": REFINE_AUGS}
+
+
+_COMPARISON_COLUMNS = ["method", "comparison", "ipc", "distill_seed", "steps", "time_s", "top1_mean", "top1_std",
+                       "val_top1_mean"]
+"""The columns of :func:`method_comparison` (and of its recordings)."""
 
 
 def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *, ipc: int = 1,
@@ -396,7 +465,7 @@ def method_comparison(ctx: Context, methods: Mapping[str, Mapping[str, Any]], *,
                 rows.append({"method": label, "comparison": comparison, "ipc": ipc, "distill_seed": seed,
                              "steps": n, "time_s": round(t, 2), "top1_mean": score.top1_mean,
                              "top1_std": score.top1_std, "val_top1_mean": _val_top1(ctx, score)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=_COMPARISON_COLUMNS)
 
 
 def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFrame":
@@ -413,7 +482,7 @@ def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFra
 
 
 __all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data", "recorded_refinement",
-            "recorded_ablations", "setting"]
+            "recorded_ablations", "recorded_comparison", "setting", "comparison_methods", "refinement"]
 
 
 def _recorded_json(folder: str | None, default: str) -> Iterator[tuple[str, Any]]:
@@ -478,21 +547,40 @@ def setting(ctx: Context, run: Any, **extra: Any) -> dict[str, Any]:
             "recipe": run.describe(), **extra}
 
 
-def recorded_ablations(folder: str | None = None, setting: Mapping[str, Any] | None = None) -> "pd.DataFrame":
-    """The ``python scripts/record_ablations.py`` rows (:func:`ablation_table`) committed under ``folder``
-    (default: ``results/ablations/``), in the order run; with ``setting`` only the files whose recorded
-    ``setting`` holds every one of its items (e.g. the dataset, backbone and recipe of a chapter), so that
-    another data set or backbone never shows them. Files that are not such results are skipped."""
+def _recorded_rows(folder: str | None, default: str, setting: Mapping[str, Any] | None,
+                   columns: list[str]) -> "pd.DataFrame":
+    """The ``rows`` of the recordings under ``folder`` (default: ``results/<default>/``) in the order run;
+    with ``setting`` only those of the files whose recorded ``setting`` holds every one of its items. With
+    the rows of exactly one file, ``attrs`` holds its ``command`` and ``machine``. No rows: the ``columns``."""
     import pandas as pd
 
-    rows = []
-    for _, content in _recorded_json(folder, "ablations"):
+    rows, sources = [], []
+    for _, content in _recorded_json(folder, default):
         if not (isinstance(content, dict) and isinstance(content.get("rows"), list)):
             continue
         kept = content.get("setting") or {}
         if setting is None or all(kept.get(k) == v for k, v in setting.items()):
             rows += [r for r in content["rows"] if isinstance(r, dict)]
-    return pd.DataFrame(rows, columns=None if rows else _ABLATION_COLUMNS)
+            sources.append({k: content.get(k) for k in ("command", "machine")})
+    table = pd.DataFrame(rows, columns=None if rows else columns)
+    if len(sources) == 1:
+        table.attrs.update(sources[0])
+    return table
+
+
+def recorded_ablations(folder: str | None = None, setting: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+    """The ``python scripts/record_ablations.py`` rows (:func:`ablation_table`) committed under ``folder``
+    (default: ``results/ablations/``), in the order run; with ``setting`` only the files whose recorded
+    ``setting`` holds every one of its items (e.g. the dataset, backbone and recipe of a chapter), so that
+    another data set or backbone never shows them. Files that are not such results are skipped."""
+    return _recorded_rows(folder, "ablations", setting, _ABLATION_COLUMNS)
+
+
+def recorded_comparison(folder: str | None = None, setting: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+    """The ``python scripts/record_comparison.py`` rows (:func:`method_comparison`) committed under
+    ``folder`` (default: ``results/comparison/``), for the files whose recorded ``setting`` holds every item
+    of ``setting`` (as :func:`recorded_ablations`); ``attrs`` names the command and the machine of the run."""
+    return _recorded_rows(folder, "comparison", setting, _COMPARISON_COLUMNS)
 
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:

@@ -150,9 +150,39 @@ def test_ablation_table_is_one_sweep_per_ablation_and_views_get_the_equal_cost_r
     assert all(c[1] == {"steps": 7} and c[2]["distill_seeds"] == (3,) and c[2]["epochs"] == 5 for c in calls)
     assert table["ablation"].tolist() == ["augs"] * 3 + ["loss"] * 2
     assert table["variant"].tolist() == ["A=1", "A=2", "A=1, twice the steps", *experiments.ABLATIONS["loss"]]
+    assert table["recipe"].tolist() == [True, False, False, True, False]  # sfm's defaults: A = 1, flows
     assert experiments.ablation_table("ctx", [], {"steps": 7}).empty
     with pytest.raises(ValueError, match="unknown ablations \\['colour'\\]"):
         experiments.ablation_table("ctx", ["colour"], {"steps": 7})
+
+
+def test_every_ablation_of_the_default_recipe_has_exactly_one_variant_that_restates_it():
+    from sfm_lib import recipes
+
+    base = {**recipes.run("fmnist-lite0-64", {}).sfm_kwargs(), "ipc": 1}
+    own = {name: [v for v, kw in variants.items() if experiments._is_recipe(kw, base)]
+           for name, variants in experiments.ABLATIONS.items()}
+    assert own == {"augs": ["A=2"], "ema": ["smoothed, β=0.7"], "init": ["random real images"],
+                   "noise": ["no noise"], "crop": ["crop area 30-100%"], "param": ["pixels"],
+                   "loss": ["flow (SFM)"], "subclass": ["class targets"], "ipc": ["IPC 1"]}
+
+
+def test_a_change_of_the_recipe_must_lead_it_on_validation_by_more_than_the_seeds_spread():
+    import pandas as pd
+
+    rows = [("a", "x", True, 70.0), ("a", "x", True, 72.0), ("a", "y", False, 72.0), ("a", "y", False, 72.5),
+            ("b", "u", True, 60.0), ("b", "u", True, 60.2), ("b", "v", False, 63.0), ("b", "v", False, 63.4),
+            ("c", "r", True, 50.0), ("c", "s", False, 50.5), ("d", "p", False, 40.0), ("d", "q", True, 40.0)]
+    table = pd.DataFrame(rows, columns=["ablation", "variant", "recipe", "val_top1_mean"]).assign(top1_mean=1.0)
+    got = experiments.choose_on_validation(table, within="ablation").set_index("ablation")
+    assert got["chosen"].tolist() == ["x", "v", "s", "q"]  # a: 1.25 < 1.41; b: 3.1 > 0.28; c: one seed; d: tie
+    assert got.loc["a", "recipe"] == "x" and got.loc["a", "lead"] == pytest.approx(1.25)
+    assert got.loc["a", "spread"] == pytest.approx(2 ** 0.5) and got.loc["c", "spread"] == 0.0
+    assert got.loc["d", "lead"] == 0.0 and got["other"].tolist() == ["y", "v", "s", "p"]
+    assert got.loc["a", "val_top1"] == pytest.approx(71.0) and got.loc["b", "val_top1"] == pytest.approx(63.2)
+    ahead = table.assign(recipe=~table["recipe"])  # now y, v, s and p are the recipe's
+    got = experiments.choose_on_validation(ahead, within="ablation").set_index("ablation")
+    assert got["chosen"].tolist() == ["y", "v", "s", "p"] and got.loc["b", "lead"] == pytest.approx(-3.1)
 
 
 def test_recorded_ablations_shows_only_the_rows_of_the_same_setting(tmp_path):
@@ -196,12 +226,84 @@ def test_the_recorded_ablations_are_in_chapter_3s_setting():
     root = Path(__file__).resolve().parents[1]
     record = json.loads((root / "results" / "ablations" / "ipc1.json").read_text())
     rows = experiments.recorded_ablations()
-    assert list(dict.fromkeys(rows["ablation"])) == ["augs", "ema", "noise", "param", "loss"] and len(rows) == 11
+    assert list(dict.fromkeys(rows["ablation"])) == ["augs", "ema", "noise", "param", "loss"] and len(rows) == 33
+    assert rows["recipe"].sum() == 5 * 3  # one of each pair restates the recipe, for every seed
     chapter = pm.inspect_notebook(str(root / "book" / "03_evaluation.ipynb"))
     declared = {k: eval(v["default"]) for k, v in chapter.items()}
     got = record["setting"]
     assert got["recipe"] == recipes.run(declared["recipe"], declared["recipe_overrides"]).describe()
     assert (got["dataset"], got["backbone"], got["resolution"]) == (declared["dataset"], declared["backbone"],
                                                                      declared["resolution"])
-    assert got["probe_seeds"] == declared["probe_seeds"] and got["distill_seeds"] == declared["distill_seeds"][:1]
+    assert got["probe_seeds"] == declared["probe_seeds"] and got["distill_seeds"] == declared["distill_seeds"]
     assert (got["epochs"], got["views"]) == (declared["epochs"], declared["views"]) and declared["ablations"] == []
+
+
+def test_recorded_comparison_shows_the_rows_of_the_same_setting_with_their_command_and_machine(tmp_path):
+    import json
+
+    rows = [{"method": "SFM", "comparison": "equal steps", "distill_seed": 0, "top1_mean": 77.0}]
+    (tmp_path / "ipc10.json").write_text(json.dumps({"command": "python scripts/record_comparison.py",
+                                                     "machine": "2 CPU cores", "rows": rows,
+                                                     "setting": {"ipc": 10, "methods": {"SFM": {"augs": 1}}}}))
+    (tmp_path / "broken.json").write_text("{")
+    got = experiments.recorded_comparison(str(tmp_path), setting={"ipc": 10, "methods": {"SFM": {"augs": 1}}})
+    assert got.to_dict("records") == rows
+    assert got.attrs == {"command": "python scripts/record_comparison.py", "machine": "2 CPU cores"}
+    for other in ({"ipc": 1}, {"ipc": 10, "methods": {"SFM": {"augs": 2}}}, {"steps": 200}):
+        empty = experiments.recorded_comparison(str(tmp_path), setting=other)
+        assert empty.empty and {"method", "comparison", "time_s", "val_top1_mean"} <= set(empty.columns)
+
+
+def test_chapter_4s_methods_put_sfm_first_and_see_one_view_at_the_larger_ipc():
+    from sfm_lib import recipes
+
+    r = recipes.get("fmnist-lite0-64")
+    small = experiments.comparison_methods(r, lgm_augs=3)
+    assert list(small) == ["SFM", "LGM", "CLP-DD", "ours"] and small["SFM"] == {"augs": r.augs, "ema": r.ema}
+    assert small["LGM"] == {"method": "lgm", "augs": 3} and small["ours"]["method"] == "sfm+unrolled"
+    large = experiments.comparison_methods(r, large=True)
+    assert list(large)[0] == "SFM + sub-class" and all(kw["augs"] == 1 for kw in large.values())
+    assert large["SFM + sub-class"] == {"augs": 1, "ema": r.ema, "subclass": True}
+    assert large["ours + sub-class"]["method"] == "sfm+unrolled" and large["ours + sub-class"]["subclass"]
+    assert {large["LGM"]["method"], large["CLP-DD"]["method"]} == {"lgm", "clp"}
+
+
+def test_the_recorded_comparisons_are_in_chapter_4s_setting():
+    """Chapter 4 shows each results/comparison/*.json only where its setting equals the chapter's: a change of
+    its defaults, the recipe, the methods or ours' refinement must come with new recordings
+    (scripts/record_comparison.py). Every recording is one the chapter shows: its larger IPC, or a longer run
+    named in ``long_runs``."""
+    import json
+    from pathlib import Path
+
+    import papermill as pm
+
+    from sfm_lib import recipes
+
+    root = Path(__file__).resolve().parents[1]
+    chapter = pm.inspect_notebook(str(root / "book" / "04_vs_gradient_matching.ipynb"))
+    d = {k: eval(v["default"]) for k, v in chapter.items()}
+    run = recipes.run(d["recipe"], d["recipe_overrides"], steps=d["steps"], crop=d["crop"],
+                      two_pass=d["two_pass"] or None, chunk_size=d["chunk_size"])
+    assert d["recorded_large"]
+    shown = {(d["ipc_large"], d["steps_methods_large"]), *map(tuple, d["long_runs"])}
+    files = sorted((root / "results" / "comparison").glob("*.json"))
+    found = set()
+    for path in files:
+        got = json.loads(path.read_text())["setting"]
+        assert got["recipe"] == run.describe(), path.name
+        assert (got["dataset"], got["backbone"], got["resolution"]) == (d["dataset"], d["backbone"],
+                                                                         d["resolution"])
+        assert got["distill_seeds"] == d["distill_seeds"] and got["refine"] == experiments.refinement()
+        assert (got["probe_seeds"], got["epochs"], got["views"]) == (d["probe_seeds"], d["epochs"], d["views"])
+        every = json.loads(json.dumps(experiments.comparison_methods(run.recipe, lgm_augs=d["lgm_augs"],
+                                                                     large=got["ipc"] > 1)))
+        assert list(got["methods"])[0] == list(every)[0]  # SFM first: the clock of equal time
+        assert got["methods"] == {m: every[m] for m in got["methods"]}, path.name
+        if (got["ipc"], got["steps"]) == (d["ipc_large"], d["steps_methods_large"]):
+            assert got["methods"] == every  # the chapter's own table has every method
+        rows = experiments.recorded_comparison(setting=got)
+        assert len(rows) == 2 * len(got["methods"]) * len(d["distill_seeds"])
+        assert list(dict.fromkeys(rows["method"])) == list(got["methods"])
+        found.add((got["ipc"], got["steps"]))
+    assert found == shown
