@@ -20,8 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfm_lib import experiments, recipes, report  # noqa: E402
-from sfm_lib.utils import write_json  # noqa: E402
+from sfm_lib import experiments, recipes  # noqa: E402
 
 ALL = ["augs", "ema", "noise", "param", "loss"]  # chapter 3's pairs
 PROBE = {"probe_seeds": [0, 1, 2], "epochs": 1000, "views": 40, "distill_seeds": [0, 1, 2]}
@@ -42,13 +41,9 @@ def main() -> None:
                                        distill_seeds=tuple(PROBE["distill_seeds"]),
                                        probe_seeds=tuple(PROBE["probe_seeds"]), epochs=PROBE["epochs"],
                                        views=PROBE["views"])
-    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-            for r in table.to_dict("records")]
     out = Path(a.out)
-    record = {"command": " ".join(["python scripts/record_ablations.py", *sys.argv[1:]]),
-              "machine": report.describe_machine(report.machine()),
-              "setting": experiments.setting(ctx, run, **PROBE), "rows": rows}
-    write_json(out, record)
+    experiments.write_recording(out, table, experiments.setting(ctx, run, **PROBE),
+                                ["python", "scripts/record_ablations.py", *sys.argv[1:]])
     print(f"wrote {out}")
 
 

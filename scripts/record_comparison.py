@@ -16,15 +16,13 @@ machine's; the JSON (written atomically) holds the command, the machine, the set
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfm_lib import experiments, recipes, report  # noqa: E402
-from sfm_lib.utils import write_json  # noqa: E402
+from sfm_lib import experiments, recipes  # noqa: E402
 
 CHAPTER = ROOT / "book" / "04_vs_gradient_matching.ipynb"
 
@@ -61,14 +59,10 @@ def main() -> None:
         methods = {m: methods[m] for m in wanted}
     table = experiments.method_comparison(ctx, methods, ipc=ipc, steps=steps, base=base,
                                           distill_seeds=d["distill_seeds"], **probe)
-    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-            for r in table.to_dict("records")]
     same = experiments.setting(ctx, run, **probe, ipc=ipc, steps=steps, distill_seeds=d["distill_seeds"],
                                methods=methods, refine=experiments.refinement())
-    record = {"command": shlex.join(["python", "scripts/record_comparison.py", *sys.argv[1:]]),
-              "machine": report.describe_machine(report.machine()), "setting": same, "rows": rows}
     out = Path(a.out or ROOT / "results" / "comparison" / f"ipc{ipc}-{steps}steps.json")
-    write_json(out, record)
+    experiments.write_recording(out, table, same, ["python", "scripts/record_comparison.py", *sys.argv[1:]])
     print(f"wrote {out}")
 
 

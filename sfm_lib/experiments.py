@@ -482,7 +482,8 @@ def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFra
 
 
 __all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data", "recorded_refinement",
-            "recorded_ablations", "recorded_comparison", "setting", "comparison_methods", "refinement"]
+            "recorded_ablations", "recorded_comparison", "setting", "comparison_methods", "refinement",
+            "write_recording"]
 
 
 def _recorded_json(folder: str | None, default: str) -> Iterator[tuple[str, Any]]:
@@ -566,6 +567,20 @@ def _recorded_rows(folder: str | None, default: str, setting: Mapping[str, Any] 
     if len(sources) == 1:
         table.attrs.update(sources[0])
     return table
+
+
+def write_recording(path: str, table: "pd.DataFrame", setting: Mapping[str, Any], command: Sequence[str]) -> None:
+    """Write a run made once for a chapter, as the ``recorded_*`` readers read it: ``command`` (its argv,
+    shell-quoted), this machine (:func:`sfm_lib.report.describe_machine`), ``setting`` (:func:`setting`)
+    and the table's rows, floats to four decimals; atomically (:func:`sfm_lib.utils.write_json`)."""
+    import shlex
+
+    from . import report
+    from .utils import write_json
+
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table.to_dict("records")]
+    write_json(path, {"command": shlex.join(command), "machine": report.describe_machine(report.machine()),
+                      "setting": dict(setting), "rows": rows})
 
 
 def recorded_ablations(folder: str | None = None, setting: Mapping[str, Any] | None = None) -> "pd.DataFrame":

@@ -307,3 +307,20 @@ def test_the_recorded_comparisons_are_in_chapter_4s_setting():
         assert list(dict.fromkeys(rows["method"])) == list(got["methods"])
         found.add((got["ipc"], got["steps"]))
     assert found == shown
+
+
+def test_a_recording_is_written_as_the_readers_read_it(tmp_path):
+    import json
+
+    import pandas as pd
+
+    table = pd.DataFrame({"method": ["SFM", "ours"], "comparison": ["equal steps"] * 2, "top1_mean": [70.123456, 74.0],
+                          "steps": [300, 300]})
+    path = tmp_path / "sub" / "ipc1.json"
+    experiments.write_recording(str(path), table, {"ipc": 1}, ["python", "scripts/x.py", "--methods", "SFM,ours x"])
+    record = json.loads(path.read_text())
+    assert record["command"] == "python scripts/x.py --methods 'SFM,ours x'" and "CPU core" in record["machine"]
+    assert record["setting"] == {"ipc": 1} and record["rows"][0] == {"method": "SFM", "comparison": "equal steps",
+                                                                      "top1_mean": 70.1235, "steps": 300}
+    got = experiments.recorded_comparison(str(tmp_path / "sub"), setting={"ipc": 1})
+    assert got["method"].tolist() == ["SFM", "ours"] and got.attrs["command"] == record["command"]
