@@ -524,18 +524,25 @@ def recorded_refinement(folder: str | None = None) -> "pd.DataFrame":
     """The ``python scripts/choose_refinement.py`` results committed under ``folder`` (default:
     ``results/refinement_choice/``), per (IPC, variant) in the order run: ``val_top1`` and ``val_std`` (mean
     and std over distillation seeds of the validation top-1, the split that chose), ``top1`` (test, the mean;
-    reported only) and ``seeds``. Files that are not such results are skipped."""
+    reported only) and ``seeds``. Files that are not such results are skipped. Feature-space rows recorded
+    beside them (``feature_rows`` of ``scripts/choose_whitened.py``: free feature vectors scored on
+    validation) are in ``attrs["feature_rows"]``, name → validation top-1."""
     import pandas as pd
 
-    rows = []
+    rows, feature_rows = [], {}
     for _, content in _recorded_json(folder, "refinement_choice"):
         if isinstance(content, dict) and isinstance(content.get("rows"), list):
             rows += [{"ipc": content.get("ipc"), **r} for r in content["rows"] if isinstance(r, dict)]
+            feature_rows.update({r["rows"]: float(r["val_top1"]) for r in content.get("feature_rows", [])
+                                 if isinstance(r, dict) and "rows" in r and "val_top1" in r})
     if not rows:
-        return pd.DataFrame(columns=["val_top1", "val_std", "top1", "seeds"])
-    return pd.DataFrame(rows).groupby(["ipc", "variant"], sort=False).agg(
-        val_top1=("val_top1", "mean"), val_std=("val_top1", "std"), top1=("top1", "mean"),
-        seeds=("distill_seed", "count"))
+        table = pd.DataFrame(columns=["val_top1", "val_std", "top1", "seeds"])
+    else:
+        table = pd.DataFrame(rows).groupby(["ipc", "variant"], sort=False).agg(
+            val_top1=("val_top1", "mean"), val_std=("val_top1", "std"), top1=("top1", "mean"),
+            seeds=("distill_seed", "count"))
+    table.attrs["feature_rows"] = feature_rows
+    return table
 
 
 def setting(ctx: Context, run: Any, **extra: Any) -> dict[str, Any]:

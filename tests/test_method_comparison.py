@@ -126,8 +126,11 @@ def test_recorded_refinement_summarises_the_seeds_of_each_variant(tmp_path):
             {"variant": "ours", "distill_seed": 0, "val_top1": 76.0, "top1": 75.0}]
     (tmp_path / "ipc1.json").write_text(json.dumps({"ipc": 1, "rows": rows}))
     (tmp_path / "other.json").write_text(json.dumps({"runs": {}}))
+    (tmp_path / "ipc1-x.json").write_text(json.dumps({"ipc": 1, "rows": [], "feature_rows": [
+        {"rows": "class means", "val_top1": 74.5}, {"rows": "whitened", "kappa": 1, "val_top1": 79.0}]}))
     table = experiments.recorded_refinement(str(tmp_path))
     assert list(table.index) == [(1, "sfm"), (1, "ours")]
+    assert table.attrs["feature_rows"] == {"class means": 74.5, "whitened": 79.0}
     sfm = table.loc[(1, "sfm")]
     assert (sfm.val_top1, sfm.top1, sfm.seeds) == (73.0, 72.0, 2) and sfm.val_std == pytest.approx(2 ** 0.5)
     assert experiments.recorded_refinement(str(tmp_path / "missing")).empty
