@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -128,15 +129,12 @@ def main() -> None:
     kwargs = {**run.sfm_kwargs(), "ipc": 1, "progress": False}
     if a.steps is not None:
         kwargs["steps"] = a.steps
-    config_names = {f for f in distill.DistillConfig.__dataclass_fields__}
     rows = []
     for name in names:
         what, loss, kappa, s = VARIANTS[name]
         target = whitened_flow(means, sw, kappa, s)
         for seed in seeds:
-            config = distill.DistillConfig(**{k: v for k, v in {**kwargs, "seed": seed}.items()
-                                              if k in config_names})
-            config.check()
+            config = distill._config({**kwargs, "seed": seed})  # the entry points' checked config
             objective = WhitenedFlowObjective(ctx.stats, ctx.backbone.device, target, loss, kwargs["ema"])
             result = distill.run(ctx.backbone, objective, config, ctx.stats.classes, init_dataset=ctx.train)
             probe = evaluate.linear_probe(ctx.backbone, result, ctx.test, ctx.resolution, epochs=1000,
@@ -146,7 +144,8 @@ def main() -> None:
                          "val_top1": round(val.top1_mean, 2), "top1": round(probe.top1_mean, 2)})
             print(rows[-1])
     out = Path(a.out or ROOT / "results" / "refinement_choice" / "whitened-ipc1.json")
-    write_json(out, {"command": "python scripts/choose_whitened.py " + " ".join(sys.argv[1:]),
+    command = shlex.join(["python", "scripts/choose_whitened.py", *sys.argv[1:]])  # variant names hold spaces
+    write_json(out, {"command": command,
                      "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "steps": kwargs["steps"],
                      "ipc": 1, "feature_rows": feature_rows, "rows": rows})
     print(f"wrote {out}")
