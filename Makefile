@@ -39,8 +39,11 @@ book: setup
 	$(BIN)/jupyter-book build . --all
 	@echo "book: open _build/html/index.html"
 
+# The suite in TEST_WORKERS processes (pytest-xdist), one torch thread each (tests/conftest.py): on 2 cores
+# this halves the wall time against one process with two threads, whose small ops mostly wait on each other.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # Every page of _build/html in headless Chromium with the network off: raw TeX, unrendered formulas,
 # broken images, tracebacks/warnings in outputs, JavaScript errors. Screenshots in _build/screenshots.

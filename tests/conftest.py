@@ -1,7 +1,13 @@
 """Shared fixtures: an isolated cache folder, the offline backbone, and Fashion-MNIST."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: the workers share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the commands and kernels the tests start
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
