@@ -39,11 +39,14 @@ book: setup
 	$(BIN)/jupyter-book build . --all
 	@echo "book: open _build/html/index.html"
 
-# The suite in TEST_WORKERS processes (pytest-xdist), one torch thread each (tests/conftest.py): on 2 cores
-# this halves the wall time against one process with two threads, whose small ops mostly wait on each other.
+# The suite in TEST_WORKERS processes (pytest-xdist), one torch thread each: on 2 cores this halves the wall
+# time against one process with two threads, whose small ops mostly wait on each other. OMP_NUM_THREADS is
+# set before Python starts (it also reaches the commands and kernels the tests start); TEST_WORKERS=0 runs
+# one process with torch's own thread count.
 TEST_WORKERS ?= 2
+TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # Every page of _build/html in headless Chromium with the network off: raw TeX, unrendered formulas,
 # broken images, tracebacks/warnings in outputs, JavaScript errors. Screenshots in _build/screenshots.
