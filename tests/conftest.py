@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: the workers share the cores, one thread each
-    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the commands and kernels the tests start
+# xdist workers share the cores, one thread each, and so do the commands and kernels the tests start.
+# `make test` sets OMP_NUM_THREADS=1 before Python starts; this covers a bare `pytest -n N`.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
