@@ -47,9 +47,8 @@ def main() -> None:
     ctx = experiments.prepare(d["dataset"], d["backbone"], d["resolution"], d["images_per_class"], d["device"],
                               d["download"], progress=False, crop=d["crop"], pretrained=d["pretrained"],
                               transform=d["test_transform"], kmeans_k=d["ipc_large"])
-    # the recipe without the chapter's in-build `steps`: a recording's own steps are in its setting
-    run = recipes.run(d["recipe"], d["recipe_overrides"], crop=d["crop"], two_pass=d["two_pass"] or None,
-                      chunk_size=d["chunk_size"])
+    run = recipes.run(d["recipe"], d["recipe_overrides"], steps=steps, crop=d["crop"],
+                      two_pass=d["two_pass"] or None, chunk_size=d["chunk_size"])
     base = {k: v for k, v in run.lgm_kwargs().items() if k not in ("augs", "steps")}
     probe = dict(probe_seeds=d["probe_seeds"], epochs=d["epochs"], views=d["views"])
     methods = experiments.comparison_methods(run.recipe, lgm_augs=d["lgm_augs"], large=ipc > 1)

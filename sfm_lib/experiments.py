@@ -548,8 +548,12 @@ def recorded_refinement(folder: str | None = None) -> "pd.DataFrame":
 def setting(ctx: Context, run: Any, **extra: Any) -> dict[str, Any]:
     """What a recorded run must match to be shown beside a chapter's own: the data (name, training images),
     the backbone (name, pretrained or not), its input (resolution, transform), the recipe
-    (``run.describe()`` of a :class:`sfm_lib.recipes.Run`) and ``extra`` (e.g. the probe settings). Not
-    the device: a GPU and a CPU run of the same setting are the same experiment."""
+    (``run.describe()`` of a :class:`sfm_lib.recipes.Run`) and ``extra`` (e.g. the probe settings). With
+    ``steps`` in ``extra`` the recipe is described at those steps (:meth:`~sfm_lib.recipes.Run.at_steps`): a
+    recording of 1000 steps is keyed by them, so a chapter that builds with fewer still finds it. Not the
+    device: a GPU and a CPU run of the same setting are the same experiment."""
+    if "steps" in extra:
+        run = run.at_steps(int(extra["steps"]))
     return {"dataset": ctx.train.name, "train_images": len(ctx.train), "backbone": ctx.backbone.name,
             "pretrained": ctx.backbone.pretrained, "resolution": ctx.resolution, "transform": repr(ctx.transform),
             "recipe": run.describe(), **extra}

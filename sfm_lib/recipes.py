@@ -157,6 +157,16 @@ class Run:
             kw["augs"] = augs
         return kw
 
+    def at_steps(self, steps: int) -> "Run":
+        """The same run for ``steps`` steps (≥ 1), named as :func:`get` names it (``"<recipe> + steps=N"``
+        where N is not the recipe's own)."""
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        base = self.recipe.name.split(" + ", 1)[0]  # get's names: the registered name + the changes
+        kept = {k: v for k, v in self.recipe.settings().items() if k != "steps"}
+        recipe = get(base, **kept, steps=int(steps))  # steps last, as run() names them
+        return dataclasses.replace(self, recipe=recipe)
+
     def describe(self) -> str:
         """The recipe's line, with the crop and the memory plan when they are set."""
         extra = [f"crop {self.crop} px" if self.crop else "",

@@ -210,6 +210,10 @@ def test_the_setting_of_a_recorded_run_is_the_data_backbone_input_and_recipe_not
     assert got["backbone"] == ctx.backbone.name and got["resolution"] == ctx.resolution
     assert got["recipe"] == run.describe() and got["epochs"] == 3 and "device" not in got
     assert experiments.setting(ctx, recipes.run("fmnist-lite0-64", {"lr": 0.01}))["recipe"] != got["recipe"]
+    # a recording's own steps key it: a chapter that builds with 200 steps finds the run of 1000
+    longer = experiments.setting(ctx, recipes.run("fmnist-lite0-64", {}, steps=200), steps=1000)
+    assert longer == experiments.setting(ctx, recipes.run("fmnist-lite0-64", {}, steps=1000), steps=1000)
+    assert ": 1000 steps," in longer["recipe"] and longer["recipe"] != got["recipe"]
     assert "cpu" not in str(got)
 
 
@@ -283,15 +287,15 @@ def test_the_recorded_comparisons_are_in_chapter_4s_setting():
     root = Path(__file__).resolve().parents[1]
     chapter = pm.inspect_notebook(str(root / "book" / "04_vs_gradient_matching.ipynb"))
     d = {k: eval(v["default"]) for k, v in chapter.items()}
-    run = recipes.run(d["recipe"], d["recipe_overrides"], crop=d["crop"], two_pass=d["two_pass"] or None,
-                      chunk_size=d["chunk_size"])  # not the chapter's in-build `steps`: a recording has its own
+    run = recipes.run(d["recipe"], d["recipe_overrides"], steps=d["steps"], crop=d["crop"],
+                      two_pass=d["two_pass"] or None, chunk_size=d["chunk_size"])  # the chapter's run
     assert d["recorded_large"]
     shown = {(d["ipc_large"], d["steps_methods_large"]), *map(tuple, d["long_runs"])}
     files = sorted((root / "results" / "comparison").glob("*.json"))
     found = set()
     for path in files:
         got = json.loads(path.read_text())["setting"]
-        assert got["recipe"] == run.describe(), path.name
+        assert got["recipe"] == run.at_steps(got["steps"]).describe(), path.name  # its own steps
         assert (got["dataset"], got["backbone"], got["resolution"]) == (d["dataset"], d["backbone"],
                                                                          d["resolution"])
         assert got["distill_seeds"] == d["distill_seeds"] and got["refine"] == experiments.refinement()

@@ -84,6 +84,16 @@ def test_describe_names_every_setting():
     assert "every" not in recipes.describe()  # no pyramid in the default
 
 
+def test_a_run_at_other_steps_is_the_run_that_get_makes_with_those_steps():
+    built = recipes.run("fmnist-lite0-64", {"lr": 0.01}, steps=200, crop=32)
+    again = built.at_steps(1000)
+    assert again == recipes.run("fmnist-lite0-64", {"lr": 0.01}, steps=1000, crop=32)
+    assert again.recipe.name == "fmnist-lite0-64 + lr=0.01, steps=1000" and "1000 steps" in again.describe()
+    assert built.at_steps(500).recipe == recipes.get("fmnist-lite0-64", lr=0.01)  # the recipe's own steps
+    with pytest.raises(ValueError, match="steps must be ≥ 1, got 0"):
+        built.at_steps(0)
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(name="nope"), "unknown recipe 'nope'"),
     (dict(colour="red"), "not settings of a recipe: colour"),
