@@ -3,9 +3,9 @@ from the notebook's parameters cell), SFM, LGM, CLP-DD and ours (:func:`sfm_lib.
 at an IPC above 1 in the form of the chapter's larger IPC: one view, sub-class targets), at equal steps and
 at equal time, for every distillation seed, scored by the chapter's probes on the test and the validation
 split (:func:`sfm_lib.experiments.method_comparison`). By default the chapter's larger IPC for its
-``steps_methods_large``, which the chapter shows when its ``recorded_large`` parameter is on (its default)
-and its setting is the recording's; ``--ipc``, ``--steps`` and ``--methods`` record longer runs, which the
-chapter shows beside its own.
+``steps_methods_large``; ``--ipc 1`` its IPC 1 comparison for its ``steps``. The chapter shows both in place
+of running them when its ``recorded`` parameter is on (its default) and its setting is the recording's;
+``--steps`` and ``--methods`` record longer runs, which the chapter shows beside them.
 
     python scripts/record_comparison.py [--ipc N] [--steps N] [--methods "SFM,ours"] [--out FILE]
 

@@ -275,8 +275,8 @@ def test_chapter_4s_methods_put_sfm_first_and_see_one_view_at_the_larger_ipc():
 def test_the_recorded_comparisons_are_in_chapter_4s_setting():
     """Chapter 4 shows each results/comparison/*.json only where its setting equals the chapter's: a change of
     its defaults, the recipe, the methods or ours' refinement must come with new recordings
-    (scripts/record_comparison.py). Every recording is one the chapter shows: its larger IPC, or a longer run
-    named in ``long_runs``."""
+    (scripts/record_comparison.py). Every recording is one the chapter shows: its IPC 1 or larger IPC
+    comparison, or a longer run named in ``long_runs``."""
     import json
     from pathlib import Path
 
@@ -289,8 +289,8 @@ def test_the_recorded_comparisons_are_in_chapter_4s_setting():
     d = {k: eval(v["default"]) for k, v in chapter.items()}
     run = recipes.run(d["recipe"], d["recipe_overrides"], steps=d["steps"], crop=d["crop"],
                       two_pass=d["two_pass"] or None, chunk_size=d["chunk_size"])  # the chapter's run
-    assert d["recorded_large"]
-    shown = {(d["ipc_large"], d["steps_methods_large"]), *map(tuple, d["long_runs"])}
+    assert d["recorded"]
+    shown = {(1, d["steps"]), (d["ipc_large"], d["steps_methods_large"]), *map(tuple, d["long_runs"])}
     files = sorted((root / "results" / "comparison").glob("*.json"))
     found = set()
     for path in files:
@@ -304,8 +304,8 @@ def test_the_recorded_comparisons_are_in_chapter_4s_setting():
                                                                      large=got["ipc"] > 1)))
         assert list(got["methods"])[0] == list(every)[0]  # SFM first: the clock of equal time
         assert got["methods"] == {m: every[m] for m in got["methods"]}, path.name
-        if (got["ipc"], got["steps"]) == (d["ipc_large"], d["steps_methods_large"]):
-            assert got["methods"] == every  # the chapter's own table has every method
+        if (got["ipc"], got["steps"]) in {(1, d["steps"]), (d["ipc_large"], d["steps_methods_large"])}:
+            assert got["methods"] == every  # the chapter's own tables have every method
         rows = experiments.recorded_comparison(setting=got)
         assert len(rows) == 2 * len(got["methods"]) * len(d["distill_seeds"])
         assert list(dict.fromkeys(rows["method"])) == list(got["methods"])
