@@ -12,6 +12,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first, in their order: pytest-xdist hands tests out in collection order, and a
+    long test collected late (the miniature, about a third of the suite's wall time) leaves one worker
+    running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """$SFM_CACHE points at one temporary folder for the whole session (never ~/.cache/sfm_lib), and
