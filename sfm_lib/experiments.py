@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from . import recipes
 
-__all__ = ["Context", "prepare", "distilled", "step_seconds", "sweep", "ABLATIONS", "REFINE_FRACTION", "REFINE_LR",
+__all__ = ["Context", "prepare", "distilled", "equal_time_steps", "step_seconds", "sweep", "ABLATIONS", "REFINE_FRACTION", "REFINE_LR",
            "REFINE_AUGS"]
 
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
@@ -227,6 +227,15 @@ def _refined(ctx: Context | Sequence[Context], *, refine_fraction: float = REFIN
                        loss_history=history, steps=steps,
                        time_s=round(first.meta.get("time_s", 0.0) + result.meta.get("time_s", 0.0), 2))
     return result
+
+
+def equal_time_steps(steps: int, backbones: int) -> int:
+    """Steps of a run with ``backbones`` backbones at about the wall time of ``steps`` steps with one:
+    ⌈steps / K⌉ for K backbones, since a step costs one forward and backward per backbone (the backbones'
+    own costs differ; :func:`step_seconds` measures them)."""
+    if steps < 1 or backbones < 1:
+        raise ValueError(f"steps and backbones must be ≥ 1, got {steps} and {backbones}")
+    return -(-steps // backbones)
 
 
 def step_seconds(ctx: Context | Sequence[Context], *, steps: int = 6, repeats: int = 3, crop_scale: float | None = None,

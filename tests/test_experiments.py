@@ -104,6 +104,17 @@ def test_distilled_with_several_backbones_is_cached_by_every_backbone_and_statis
         experiments.distilled([ctx, ctx1], method="lgm", steps=1)
 
 
+@pytest.mark.parametrize("steps, k, want", [(500, 1, 500), (500, 2, 250), (5000, 2, 2500), (7, 2, 4), (1, 3, 1)])
+def test_equal_time_steps_give_each_backbone_its_share_of_the_steps(steps, k, want):
+    got = experiments.equal_time_steps(steps, k)
+    assert got == want and (got - 1) * k < steps <= got * k  # the fewest steps whose K-fold covers them
+
+
+def test_equal_time_steps_refuse_nothing_to_share():
+    with pytest.raises(ValueError, match="must be ≥ 1, got 0 and 2"):
+        experiments.equal_time_steps(0, 2)
+
+
 def test_step_seconds_of_one_and_two_backbones(ctx):
     ctx1 = experiments.prepare("fashion_mnist", "effnet_lite1", 32, images_per_class=6, device="cpu")
     one = experiments.step_seconds(ctx, steps=2, repeats=1, init="real")
