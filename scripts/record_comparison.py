@@ -59,8 +59,8 @@ def main() -> None:
         methods = {m: methods[m] for m in wanted}
     table = experiments.method_comparison(ctx, methods, ipc=ipc, steps=steps, base=base,
                                           distill_seeds=d["distill_seeds"], **probe)
-    same = experiments.setting(ctx, run, **probe, ipc=ipc, steps=steps, distill_seeds=d["distill_seeds"],
-                               methods=methods, refine=experiments.refinement())
+    same = experiments.comparison_setting(ctx, run, ipc=ipc, steps=steps, distill_seeds=d["distill_seeds"],
+                                          methods=methods, **probe)
     out = Path(a.out or ROOT / "results" / "comparison" / f"ipc{ipc}-{steps}steps.json")
     experiments.write_recording(out, table, same, ["python", "scripts/record_comparison.py", *sys.argv[1:]])
     print(f"wrote {out}")

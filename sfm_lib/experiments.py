@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     from . import recipes
 
-__all__ = ["Context", "prepare", "distilled", "equal_time_steps", "step_seconds", "sweep", "ABLATIONS", "REFINE_FRACTION", "REFINE_LR",
-           "REFINE_AUGS"]
+__all__ = ["Context", "prepare", "distilled", "equal_time_steps", "step_seconds", "sweep", "ABLATIONS",
+           "REFINE_FRACTION", "REFINE_LR", "REFINE_AUGS"]
 
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "augs": {"A=1": {"augs": 1}, "A=2": {"augs": 2}},
@@ -491,8 +491,8 @@ def summarise_comparison(acc: "pd.DataFrame", random_top1: float) -> "pd.DataFra
 
 
 __all__ += ["summarise_comparison", "recorded_costs", "recorded_full_data", "recorded_refinement",
-            "recorded_ablations", "recorded_comparison", "setting", "comparison_methods", "refinement",
-            "write_recording"]
+            "recorded_ablations", "recorded_comparison", "comparison_setting", "recorded_or_run", "setting",
+            "comparison_methods", "refinement", "write_recording"]
 
 
 def _recorded_json(folder: str | None, default: str) -> Iterator[tuple[str, Any]]:
@@ -616,6 +616,34 @@ def recorded_comparison(folder: str | None = None, setting: Mapping[str, Any] | 
     ``folder`` (default: ``results/comparison/``), for the files whose recorded ``setting`` holds every item
     of ``setting`` (as :func:`recorded_ablations`); ``attrs`` names the command and the machine of the run."""
     return _recorded_rows(folder, "comparison", setting, _COMPARISON_COLUMNS)
+
+
+def comparison_setting(ctx: Context, run: Any, *, ipc: int, steps: int, distill_seeds: Sequence[int],
+                       probe_seeds: Sequence[int], epochs: int, views: int,
+                       methods: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The :func:`setting` a :func:`method_comparison` is recorded under (``scripts/record_comparison.py``)
+    and looked up by: the run at ``steps``, the IPC, seeds, probe and ours' :func:`refinement`; with
+    ``methods`` those labels and arguments (None: any of the methods)."""
+    chosen = {} if methods is None else {"methods": methods}
+    return setting(ctx, run, probe_seeds=probe_seeds, epochs=epochs, views=views, ipc=ipc, steps=steps,
+                   distill_seeds=distill_seeds, **chosen, refine=refinement())
+
+
+def recorded_or_run(ctx: Context, run: Any, methods: Mapping[str, Mapping[str, Any]], *, ipc: int, steps: int,
+                    distill_seeds: Sequence[int], probe_seeds: Sequence[int], epochs: int, views: int,
+                    base: Mapping[str, Any] | None = None, recorded: bool = True,
+                    folder: str | None = None) -> "pd.DataFrame":
+    """:func:`method_comparison`'s rows for ``methods``: those recorded under exactly this
+    :func:`comparison_setting` (:func:`recorded_comparison`; ``attrs`` names their command and machine)
+    when ``recorded`` and there are any, else the comparison run now (empty ``attrs``)."""
+    probe = dict(probe_seeds=probe_seeds, epochs=epochs, views=views)
+    if recorded:
+        same = comparison_setting(ctx, run, ipc=ipc, steps=steps, distill_seeds=distill_seeds, methods=methods,
+                                  **probe)
+        rows = recorded_comparison(folder, setting=same)
+        if not rows.empty:
+            return rows
+    return method_comparison(ctx, methods, ipc=ipc, steps=steps, base=base, distill_seeds=distill_seeds, **probe)
 
 
 def recorded_costs(folder: str | None = None) -> dict[str, dict[str, Any]]:

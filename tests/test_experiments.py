@@ -324,6 +324,32 @@ def test_the_recorded_comparisons_are_in_chapter_4s_setting():
     assert found == shown
 
 
+def test_recorded_or_run_shows_the_recording_of_its_setting_and_runs_anything_else(ctx, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from sfm_lib import recipes
+
+    run = recipes.run("fmnist-lite0-64", {}, steps=200)
+    methods = {"SFM": {"augs": 2}}
+    probe = dict(probe_seeds=[0, 1], epochs=5, views=2)
+    table = pd.DataFrame({"method": ["SFM"], "comparison": ["equal steps"], "top1_mean": [70.0]})
+    key = experiments.comparison_setting(ctx, run, ipc=1, steps=200, distill_seeds=[0], methods=methods, **probe)
+    assert key["refine"] == experiments.refinement() and key["steps"] == 200 and key["methods"] == methods
+    assert "methods" not in experiments.comparison_setting(ctx, run, ipc=1, steps=200, distill_seeds=[0], **probe)
+    experiments.write_recording(str(tmp_path / "ipc1.json"), table, key, ["python", "scripts/record_comparison.py"])
+    ran = []
+    monkeypatch.setattr(experiments, "method_comparison", lambda *a, **kw: ran.append(kw) or pd.DataFrame())
+    got = experiments.recorded_or_run(ctx, run, methods, ipc=1, steps=200, distill_seeds=[0], folder=str(tmp_path),
+                                      **probe)
+    assert got["top1_mean"].tolist() == [70.0] and got.attrs["command"] == "python scripts/record_comparison.py"
+    assert not ran
+    for other in (dict(steps=300), dict(recorded=False)):  # another setting, or the recording turned off
+        got = experiments.recorded_or_run(ctx, run, methods, **{"ipc": 1, "steps": 200, **other},
+                                          distill_seeds=[0], folder=str(tmp_path), **probe)
+        assert got.empty and not got.attrs and ran[-1]["steps"] == other.get("steps", 200)
+    assert len(ran) == 2 and ran[0]["probe_seeds"] == [0, 1]
+
+
 def test_a_recording_is_written_as_the_readers_read_it(tmp_path):
     import json
 
