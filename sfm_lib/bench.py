@@ -189,8 +189,8 @@ def method_step(backbone: Backbone, method: str = "sfm", num_classes: int = 10, 
     "unrolled"), the loop's own :meth:`sfm_lib.distill.Distiller.step`: for LGM it includes drawing the head, reading and
     augmenting the real batch of ipc·A·C images and its forward pass. SFM's statistics are random (cost does
     not depend on them); LGM reads ``dataset``, or an in-memory :func:`synthetic_real_dataset` when None; CLP
-    and the unrolled probe (ours, K = 20 probe steps) score their probe on a table of random "real" features
-    (2048 per step, as the methods' default).
+    and the unrolled probe (ours, K = :data:`sfm_lib.unrolled.PROBE_STEPS` probe steps) score their probe on
+    a table of random "real" features (2048 per step, as the methods' default).
     ``warmup`` untimed steps first (None: 2 on CUDA, 1 on the CPU). ``optimizer=False`` leaves out Adam (a
     bare gradient step). Peak memory is NaN on the CPU (see
     :func:`methods_cost`, which measures it in a fresh process)."""

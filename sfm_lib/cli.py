@@ -247,8 +247,8 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     elif a.method == "unrolled":
         from . import unrolled
 
-        result = unrolled.unrolled(phi, train, probe_steps=a.probe_steps, real_batch=a.real_batch, **multi, **kw,
-                                   **common)
+        k = unrolled.PROBE_STEPS if a.probe_steps is None else a.probe_steps
+        result = unrolled.unrolled(phi, train, probe_steps=k, real_batch=a.real_batch, **multi, **kw, **common)
     else:
         result = distill.lgm(bbs[0], train, head_std=a.head_std, balanced=a.balanced, **kw, **common)
     if a.init_from:
@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ridge", type=float, default=0.01, help="clp: ridge of the kernel probe, relative to tr(K)/M")
     p.add_argument("--tau", type=float, default=0.1, help="clp: temperature of the cross-entropy on real features")
     p.add_argument("--real-batch", type=int, default=2048, help="clp, unrolled: real features per step")
-    p.add_argument("--probe-steps", type=int, default=20, help="unrolled: Adam steps of the unrolled probe")
+    p.add_argument("--probe-steps", type=int, default=None,
+                   help="unrolled: Adam steps of the unrolled probe (default: sfm_lib.unrolled.PROBE_STEPS)")
     p.add_argument("--two-pass", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-bounded backward, same gradient (default: automatic on CUDA, off on CPU)")
     p.add_argument("--chunk-size", type=int, default=None,

@@ -289,6 +289,30 @@ def flow_cosine(table, ax=None, title: str | None = None):
     return ax
 
 
+def probe_fidelity(table, ax=None, title: str | None = None):
+    """Cosine between the unrolled probe's ΔW after K steps and the evaluation probe's ΔW, against K (log
+    scale), one line per images per class: mean over seeds with a band of ± one std. ``table``: a DataFrame
+    of :func:`sfm_lib.unrolled.probe_fidelity` rows with an ``ipc`` column."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    for ipc, rows in table.groupby("ipc"):
+        agg = rows.groupby("steps")["cosine"].agg(["mean", "std"]).fillna(0.0)
+        x = agg.index.to_numpy(dtype=float)
+        line, = ax.plot(x, agg["mean"], marker="o", label=f"IPC {ipc}")
+        ax.fill_between(x, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("steps K of the unrolled probe")
+    ax.set_ylabel("cos(ΔW after K steps, ΔW of evaluation)")
+    ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def step_cosines(table, ax=None, title: str | None = None):
     """One box per method: the cosines between its image gradients at consecutive steps (1: the step
     points the same way as the last one). ``table``: the DataFrame of

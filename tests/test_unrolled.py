@@ -1,17 +1,19 @@
 """Unrolled-probe matching (sfm_lib.unrolled): the rate budget against the evaluation's closed form, the
-unrolled probe against torch.optim.Adam and against the evaluation's own probe, its loss by gradcheck and
-with dead features, and the objective in the loop (two-pass, exact resume, its identity)."""
+unrolled probe against torch.optim.Adam and against the evaluation's own probe (and its fidelity to it), its loss
+by gradcheck and with dead features, and the objective in the loop (two-pass, exact resume, its identity)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sfm_lib import evaluate
 from sfm_lib.data import TensorImageDataset
-from sfm_lib.unrolled import UnrolledProbeObjective, probe_budget, unrolled, unrolled_loss, unrolled_probe
+from sfm_lib.unrolled import (PROBE_STEPS, UnrolledProbeObjective, probe_budget, probe_fidelity, unrolled,
+                              unrolled_loss, unrolled_probe)
 
 C, RES = 3, 32
 
@@ -79,6 +81,28 @@ def test_with_as_many_steps_as_evaluation_it_is_the_evaluation_probe():
     assert (w_eval - w0).abs().max() > 1e-3, "the probe moved"
 
 
+def test_fidelity_is_one_where_the_unrolled_probe_is_the_evaluation_probe():
+    """One view of N ≤ 100 images: the evaluation's mini-batch is the whole set, so K = T unrolled steps are its
+    probe (cosine 1 between the two changes of W); five larger steps follow it less closely."""
+    g = torch.Generator().manual_seed(3)
+    n, d, epochs = 2 * C, 10, 200
+    z = torch.rand(n, 1, d, generator=g, dtype=torch.float64) * 4
+    labels = torch.arange(n) % C
+    rows = probe_fidelity(z, labels, C, steps=(epochs, 5), seeds=(0, 1), epochs=epochs)
+    cos = {(r["steps"], r["seed"]): r["cosine"] for r in rows}
+    assert sorted(cos) == [(5, 0), (5, 1), (epochs, 0), (epochs, 1)]
+    assert cos[(epochs, 0)] == pytest.approx(1.0, abs=1e-6) and cos[(epochs, 1)] == pytest.approx(1.0, abs=1e-6)
+    assert cos[(5, 0)] < 1 - 1e-4 and cos[(5, 1)] < 1 - 1e-4  # a few large steps: near, not on, its path
+    # the same cosine by hand for one (K, seed): evaluation's probe and the unrolled one from its start
+    w0, b0 = evaluate._linear_init(d, C, 1, torch.float64)
+    w_eval, _ = evaluate.train_probe(z, labels, C, epochs=epochs, seed=1)
+    w5, _ = unrolled_probe(z[:, 0], F.one_hot(labels, C).double(), (w0.T, b0), 5, probe_budget(n, epochs))
+    a, b = (w5.T - w0).flatten().numpy(), (w_eval - w0).flatten().numpy()
+    assert cos[(5, 1)] == pytest.approx(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), rel=1e-9)
+    with pytest.raises(ValueError, match=r"view_feats \[N, V, D\]"):
+        probe_fidelity(z[:, 0], labels, C)
+
+
 def _table(n: int = 40, d: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g).abs(), torch.arange(n) % C
@@ -97,7 +121,7 @@ def test_objective_draws_reproducible_inits_and_refuses_bad_input():
     b.load_state_dict(state)
     b.begin_step()
     assert torch.equal(b.init[0], a.init[0]), "the init follows the stream's position (exact resume)"
-    assert a.identity()["probe_steps"] == 20 and a.budget == pytest.approx(probe_budget(C))
+    assert a.identity()["probe_steps"] == PROBE_STEPS and a.budget == pytest.approx(probe_budget(C))
     with pytest.raises(ValueError, match="probe_steps ≥ 1") as info:
         UnrolledProbeObjective(table, labels, C, "cpu", n_images=C, probe_steps=0)
     assert "\n" not in str(info.value)
