@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -264,6 +264,18 @@ def agreement(cosines: dict[str, torch.Tensor], ax=None, title: str | None = Non
     return ax
 
 
+def _cosine_lines(ax, table, by: str, x: str, label: Callable[[Any], str]) -> None:
+    """One line per value of column ``by``: the mean of ``cosine`` against column ``x`` (log scale), with a
+    band of ± one std over the rows that share both."""
+    for key, rows in table.groupby(by):
+        agg = rows.groupby(x)["cosine"].agg(["mean", "std"]).fillna(0.0)
+        at = agg.index.to_numpy(dtype=float)
+        line, = ax.plot(at, agg["mean"], marker="o", label=label(key))
+        ax.fill_between(at, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+
+
 def flow_cosine(table, ax=None, title: str | None = None):
     """Cosine between the LGM head gradient and the real flow against the images per class in the batch
     (log scale), one line per head standard deviation σ: mean over draws, with a band of ± one std.
@@ -272,14 +284,7 @@ def flow_cosine(table, ax=None, title: str | None = None):
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
-    for sigma, rows in table.groupby("sigma"):
-        agg = rows.groupby("images_per_class")["cosine"].agg(["mean", "std"]).fillna(0.0)
-        x = agg.index.to_numpy(dtype=float)
-        label = "σ = 0" if sigma == 0 else f"σ = {sigma:g}"
-        line, = ax.plot(x, agg["mean"], marker="o", label=label)
-        ax.fill_between(x, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
-                        alpha=0.15, linewidth=0)
-    ax.set_xscale("log")
+    _cosine_lines(ax, table, "sigma", "images_per_class", lambda s: "σ = 0" if s == 0 else f"σ = {s:g}")
     ax.set_xlabel("real images per class in the batch (rightmost: the whole split)")
     ax.set_ylabel("cos(∂CE/∂W, real flow F)")
     ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
@@ -297,13 +302,7 @@ def probe_fidelity(table, ax=None, title: str | None = None):
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
-    for ipc, rows in table.groupby("ipc"):
-        agg = rows.groupby("steps")["cosine"].agg(["mean", "std"]).fillna(0.0)
-        x = agg.index.to_numpy(dtype=float)
-        line, = ax.plot(x, agg["mean"], marker="o", label=f"IPC {ipc}")
-        ax.fill_between(x, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
-                        alpha=0.15, linewidth=0)
-    ax.set_xscale("log")
+    _cosine_lines(ax, table, "ipc", "steps", lambda n: f"IPC {n}")
     ax.set_xlabel("steps K of the unrolled probe")
     ax.set_ylabel("cos(ΔW after K steps, ΔW of evaluation)")
     ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
