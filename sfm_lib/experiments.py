@@ -414,9 +414,9 @@ def comparison_methods(recipe: "recipes.Recipe", *, lgm_augs: int = 3,
 
 
 def refinement() -> dict[str, float]:
-    """The settings of ours' refinement (:data:`REFINE_FRACTION`, :data:`REFINE_LR`, :data:`REFINE_AUGS`),
-    for the setting of a recorded run."""
-    return {"fraction": REFINE_FRACTION, "lr": REFINE_LR, "augs": REFINE_AUGS}
+    """The settings of ours' refinement (:data:`REFINE_FRACTION`, :data:`REFINE_LR`, :data:`REFINE_AUGS` and
+    the unrolled probe's steps :data:`sfm_lib.unrolled.PROBE_STEPS`), for the setting of a recorded run."""
+    return {"fraction": REFINE_FRACTION, "lr": REFINE_LR, "augs": REFINE_AUGS, "probe_steps": unrolled.PROBE_STEPS}
 
 
 _COMPARISON_COLUMNS = ["method", "comparison", "ipc", "distill_seed", "steps", "time_s", "top1_mean", "top1_std",
@@ -531,26 +531,33 @@ def recorded_full_data(folder: str | None = None) -> "pd.DataFrame":
 
 def recorded_refinement(folder: str | None = None) -> "pd.DataFrame":
     """The ``python scripts/choose_refinement.py`` results committed under ``folder`` (default:
-    ``results/refinement_choice/``), per (IPC, variant) in the order run: ``val_top1`` and ``val_std`` (mean
-    and std over distillation seeds of the validation top-1, the split that chose), ``top1`` (test, the mean;
-    reported only) and ``seeds``. Files that are not such results are skipped. Feature-space rows recorded
-    beside them (``feature_rows`` of ``scripts/choose_whitened.py``: free feature vectors scored on
-    validation) are in ``attrs["feature_rows"]``, name → validation top-1."""
+    ``results/refinement_choice/``), per (IPC, steps, variant) in the order run: ``val_top1`` and ``val_std``
+    (mean and std over distillation seeds of the validation top-1, the split that chose), ``top1`` (test, the
+    mean; reported only), ``seeds`` and ``file`` (the recording's name without ``.json``). Files that are not
+    such results are skipped. ``attrs["sources"]``: file → its ``command`` and ``machine`` (rows of different
+    files may come from different machines: compare within a file). Feature-space rows recorded beside them
+    (``feature_rows`` of ``scripts/choose_whitened.py``: free feature vectors scored on validation) are in
+    ``attrs["feature_rows"]``, name → validation top-1."""
     import pandas as pd
 
-    rows, feature_rows = [], {}
-    for _, content in _recorded_json(folder, "refinement_choice"):
+    rows, feature_rows, sources = [], {}, {}
+    for name, content in _recorded_json(folder, "refinement_choice"):
         if isinstance(content, dict) and isinstance(content.get("rows"), list):
-            rows += [{"ipc": content.get("ipc"), **r} for r in content["rows"] if isinstance(r, dict)]
+            stem = name.removesuffix(".json")
+            rows += [{"ipc": content.get("ipc"), "steps": content.get("steps"), **r, "file": stem}
+                     for r in content["rows"] if isinstance(r, dict)]
+            if content["rows"]:
+                sources[stem] = {k: content.get(k) for k in ("command", "machine")}
             feature_rows.update({r["rows"]: float(r["val_top1"]) for r in content.get("feature_rows", [])
                                  if isinstance(r, dict) and "rows" in r and "val_top1" in r})
     if not rows:
-        table = pd.DataFrame(columns=["val_top1", "val_std", "top1", "seeds"])
+        table = pd.DataFrame(columns=["val_top1", "val_std", "top1", "seeds", "file"])
     else:
-        table = pd.DataFrame(rows).groupby(["ipc", "variant"], sort=False).agg(
+        table = pd.DataFrame(rows).groupby(["ipc", "steps", "variant"], sort=False, dropna=False).agg(
             val_top1=("val_top1", "mean"), val_std=("val_top1", "std"), top1=("top1", "mean"),
-            seeds=("distill_seed", "count"))
+            seeds=("distill_seed", "count"), file=("file", "first"))
     table.attrs["feature_rows"] = feature_rows
+    table.attrs["sources"] = sources
     return table
 
 

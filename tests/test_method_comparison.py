@@ -124,13 +124,22 @@ def test_recorded_refinement_summarises_the_seeds_of_each_variant(tmp_path):
     rows = [{"variant": "sfm", "distill_seed": 0, "val_top1": 72.0, "top1": 71.0},
             {"variant": "sfm", "distill_seed": 1, "val_top1": 74.0, "top1": 73.0},
             {"variant": "ours", "distill_seed": 0, "val_top1": 76.0, "top1": 75.0}]
-    (tmp_path / "ipc1.json").write_text(json.dumps({"ipc": 1, "rows": rows}))
+    (tmp_path / "ipc1.json").write_text(json.dumps({"ipc": 1, "steps": 500, "command": "c1", "machine": "m1",
+                                                    "rows": rows}))
+    # the same variant name at other steps (another file, another machine) is another row
+    (tmp_path / "ipc1-longer.json").write_text(json.dumps({"ipc": 1, "steps": 900, "command": "c2", "machine": "m2",
+                                                           "rows": [{**rows[0], "val_top1": 70.0}]}))
     (tmp_path / "other.json").write_text(json.dumps({"runs": {}}))
     (tmp_path / "ipc1-x.json").write_text(json.dumps({"ipc": 1, "rows": [], "feature_rows": [
         {"rows": "class means", "val_top1": 74.5}, {"rows": "whitened", "kappa": 1, "val_top1": 79.0}]}))
     table = experiments.recorded_refinement(str(tmp_path))
-    assert list(table.index) == [(1, "sfm"), (1, "ours")]
+    assert list(table.index) == [(1, 900, "sfm"), (1, 500, "sfm"), (1, 500, "ours")]  # files by name
     assert table.attrs["feature_rows"] == {"class means": 74.5, "whitened": 79.0}
-    sfm = table.loc[(1, "sfm")]
-    assert (sfm.val_top1, sfm.top1, sfm.seeds) == (73.0, 72.0, 2) and sfm.val_std == pytest.approx(2 ** 0.5)
+    assert table.attrs["sources"]["ipc1"] == {"command": "c1", "machine": "m1"}
+    assert table.attrs["sources"]["ipc1-longer"] == {"command": "c2", "machine": "m2"}
+    assert set(table.attrs["sources"]) == {"ipc1", "ipc1-longer"}  # no rows: no source
+    sfm = table.loc[(1, 500, "sfm")]
+    assert (sfm.val_top1, sfm.top1, sfm.seeds, sfm.file) == (73.0, 72.0, 2, "ipc1")
+    assert sfm.val_std == pytest.approx(2 ** 0.5)
+    assert table.loc[(1, 900, "sfm")].val_top1 == 70.0 and table.loc[(1, 900, "sfm")].file == "ipc1-longer"
     assert experiments.recorded_refinement(str(tmp_path / "missing")).empty
