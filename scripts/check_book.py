@@ -9,7 +9,8 @@ A page fails when it
   * has an image that does not load (``naturalWidth`` 0),
   * has a code cell or a code block of the prose wider than its box (cut at the right edge at the 1280 px
     window width), or a table
-    in a cell's output wider than the column (its right columns hidden behind a scroll bar),
+    in a cell's output wider than the column (its right columns hidden behind a scroll bar), or a displayed
+    formula wider than the text column (its right end clipped),
   * holds a traceback, a warning or a stderr stream in a notebook cell's output; a figure whose labels
     overlap is named as such (``sfm_lib.plots`` warns "figure labels overlap" when it is drawn),
   * is a notebook page (it has code cells) without a chapter card at its top (an element of class
@@ -98,6 +99,17 @@ PAGE_JS = r"""
     .filter(p => !p.closest(".cell_output"))
     .filter(p => p.scrollWidth > p.clientWidth + 1)
     .map(p => p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "").slice(0, 60));
+  // displayed formulas wider than the text column: their right end is clipped or behind a scroll bar
+  const texOf = c => {
+    try { return MathJax.startup.document.getMathItemsWithin(c)[0].math; } catch (e) { return c.textContent; }
+  };
+  const mathCut = [...document.querySelectorAll("mjx-container[display='true']")]
+    .filter(c => {
+      const box = c.closest("div.math, .math") || c, math = c.querySelector("mjx-math") || c;
+      return box.scrollWidth > box.clientWidth + 1 || c.scrollWidth > c.clientWidth + 1 ||
+        math.getBoundingClientRect().right > box.getBoundingClientRect().right + 1;
+    })
+    .map(c => texOf(c).replace(/\s+/g, " ").trim().slice(0, 60));
   const wide = [...document.querySelectorAll(".cell_output table")]
     .filter(t => t.getBoundingClientRect().right > t.closest(".cell_output").getBoundingClientRect().right + 1)
     .map(t => [...t.querySelectorAll("th")].map(h => h.textContent.trim()).filter(Boolean).join(" ").slice(0, 60));
@@ -132,7 +144,7 @@ PAGE_JS = r"""
     math: math.length, unrendered: unrendered,
     images: imgs.length,
     broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src")),
-    raw_tex: raw, outputs: outputs, cut: cut, wide: wide,
+    raw_tex: raw, outputs: outputs, cut: cut, mathCut: mathCut, wide: wide,
   };
 })()
 """
@@ -304,6 +316,7 @@ def check_page(browser: Browser, page: Path, root: Path, shots: Path | None) -> 
         report.problems += [f"points at what a reader cannot see: {t!r}" for t in info["unseen"][:3]]
         report.problems += [f"code cut at the right edge: {line!r}" for line in info["cut"]]
         report.problems += [f"table wider than the column: {head!r}" for head in info["wide"]]
+        report.problems += [f"formula cut at the right edge: {tex!r}" for tex in info["mathCut"]]
         if shots is not None:
             height = max(900, min(int(info["height"]), MAX_HEIGHT))
             shot = browser.send("Page.captureScreenshot", {

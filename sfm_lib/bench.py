@@ -403,9 +403,10 @@ def methods_cost(backbone_name: str, device: str = "cpu", pretrained: bool = Tru
 
 def methods_table(result: dict[str, Any]) -> str:
     """The runs of :func:`methods_cost` as a plain-text table, with the ratios."""
-    lines = [f"{'run':<10} {'time/step (s)':>14} {'peak (GiB)':>11}"]
+    w = max([len("run"), *map(len, result["runs"])])  # the longest run's name sets the column
+    lines = [f"{'run':<{w}} {'time/step (s)':>14} {'peak (GiB)':>11}"]
     for name, row in result["runs"].items():
-        lines.append(f"{name:<10} {row['median_s']:>14.4f} {row['peak_gib']:>11.3f}")
+        lines.append(f"{name:<{w}} {row['median_s']:>14.4f} {row['peak_gib']:>11.3f}")
     r = result["ratios"]
     if r:
         lines.append(f"LGM A=10 / SFM A=1: time {r['time']}x, memory {r['memory']}x ({result['gpu']})")

@@ -93,6 +93,11 @@ def reports(tmp_path_factory):
     if mathjax is not None:
         pages["math"] = _page(r'<div class="math notranslate nohighlight">\[\mu_c = \frac{1}{n_c}\]</div>',
                               head=f'<script defer src="{mathjax.as_uri()}"></script>')
+        # a displayed formula wider than its column: its right end is clipped
+        wide = r"\[" + " + ".join(rf"\frac{{x_{{{i}}}}}{{y_{{{i}}}}}" for i in range(30)) + r"\]"
+        pages["wide_math"] = _page('<div class="math notranslate nohighlight" style="width: 300px; '
+                                   f'overflow-x: hidden">{wide}</div>',
+                                   head=f'<script defer src="{mathjax.as_uri()}"></script>')
     (site / "sub").mkdir()
     (site / "_static").mkdir()
     (site / "_static" / "asset.html").write_text(_page("not a page"))
@@ -154,6 +159,15 @@ def test_formulas_rendered_by_the_bundled_mathjax_pass(reports):
         pytest.skip("sphinx-mathjax-offline is not installed")
     math = reports[0]["math"]
     assert math.problems == [] and math.formulas == 1
+
+
+def test_a_displayed_formula_wider_than_its_column_is_caught(reports):
+    if "wide_math" not in reports[0]:
+        pytest.skip("sphinx-mathjax-offline is not installed")
+    problems = reports[0]["wide_math"].problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(r"formula cut at the right edge: '\\frac{x_{0}}{y_{0}} + \\frac{x_{1}}")
+    assert reports[0]["math"].problems == [], "a formula that fits is not cut"
 
 
 def test_a_chapter_card_above_the_first_cell_passes(reports):
