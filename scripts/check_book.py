@@ -105,7 +105,7 @@ PAGE_JS = r"""
   };
   const mathCut = [...document.querySelectorAll("mjx-container[display='true']")]
     .filter(c => {
-      const box = c.closest("div.math, .math") || c, math = c.querySelector("mjx-math") || c;
+      const box = c.closest(".math") || c, math = c.querySelector("mjx-math") || c;
       return box.scrollWidth > box.clientWidth + 1 || c.scrollWidth > c.clientWidth + 1 ||
         math.getBoundingClientRect().right > box.getBoundingClientRect().right + 1;
     })

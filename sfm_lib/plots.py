@@ -266,7 +266,7 @@ def agreement(cosines: dict[str, torch.Tensor], ax=None, title: str | None = Non
 
 def _cosine_lines(ax, table, by: str, x: str, label: Callable[[Any], str]) -> None:
     """One line per value of column ``by``: the mean of ``cosine`` against column ``x`` (log scale), with a
-    band of ± one std over the rows that share both."""
+    band of ± one std over the rows that share both, under a grey line at cosine 1 (the same direction)."""
     for key, rows in table.groupby(by):
         agg = rows.groupby(x)["cosine"].agg(["mean", "std"]).fillna(0.0)
         at = agg.index.to_numpy(dtype=float)
@@ -274,6 +274,7 @@ def _cosine_lines(ax, table, by: str, x: str, label: Callable[[Any], str]) -> No
         ax.fill_between(at, agg["mean"] - agg["std"], agg["mean"] + agg["std"], color=line.get_color(),
                         alpha=0.15, linewidth=0)
     ax.set_xscale("log")
+    ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
 
 
 def flow_cosine(table, ax=None, title: str | None = None):
@@ -287,7 +288,6 @@ def flow_cosine(table, ax=None, title: str | None = None):
     _cosine_lines(ax, table, "sigma", "images_per_class", lambda s: "σ = 0" if s == 0 else f"σ = {s:g}")
     ax.set_xlabel("real images per class in the batch (rightmost: the whole split)")
     ax.set_ylabel("cos(∂CE/∂W, real flow F)")
-    ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
     ax.legend(title="head W ~ N(0, σ²)", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if title:
         ax.set_title(title)
@@ -305,7 +305,6 @@ def probe_fidelity(table, ax=None, title: str | None = None):
     _cosine_lines(ax, table, "ipc", "steps", lambda n: f"IPC {n}")
     ax.set_xlabel("steps K of the unrolled probe")
     ax.set_ylabel("cos(ΔW after K steps, ΔW of evaluation)")
-    ax.axhline(1.0, color="0.8", lw=0.8, zorder=0)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if title:
         ax.set_title(title)

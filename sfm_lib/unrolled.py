@@ -131,7 +131,7 @@ def probe_fidelity(view_feats: Tensor, labels: Tensor, num_classes: int, steps: 
         w_eval, _ = train_probe(view_feats, labels, num_classes, epochs=epochs, seed=seed, init=(w0, b0))
         for k in steps:
             with torch.no_grad():
-                w, _ = unrolled_probe(z, targets, (w0.T.clone(), b0.clone()), int(k), budget)
+                w, _ = unrolled_probe(z, targets, (w0.T, b0), int(k), budget)  # init is not written to
             cos = F.cosine_similarity((w.T - w0).flatten(), (w_eval - w0).flatten(), dim=0)
             rows.append({"steps": int(k), "seed": int(seed), "cosine": float(cos)})
     return rows
